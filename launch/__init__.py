@@ -1,0 +1,1 @@
+"""Launch helpers. A single-device run needs none: `python -m trainer.train <overrides>`."""

@@ -1,0 +1,96 @@
+"""The Hydra config tree composes onto the typed schema, and bad values fail at start with the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from tests.conftest import REPO, compose_config
+from trainer.config import ConfigError
+
+
+def test_quickstart_composes_with_derived_values():
+    cfg = compose_config("experiment=quickstart")
+    assert cfg.name == "quickstart"
+    assert cfg.run_dir == "runs/quickstart"
+    assert cfg.model.n_kv_heads == 2
+    assert cfg.model.ffn_dim == 704  # 8/3 * 256 rounded up to 64
+    assert cfg.data.sources[0].name == "shakespeare"
+    assert cfg.data.sources[1].paths[0].endswith("*.py")
+    assert cfg.grad_accum_steps == 1  # 4096 tokens = 16 sequences x 256
+
+
+def test_derived_fields_follow_overrides():
+    # ffn_dim and n_kv_heads are derived from the final values, not frozen from the defaults.
+    cfg = compose_config("model=llama_125m")
+    assert cfg.model.ffn_dim == 2048
+    cfg = compose_config("model.d_model=512", "model.n_heads=8", "model.n_kv_heads=null")
+    assert cfg.model.n_kv_heads == 8 and cfg.model.ffn_dim == 1408
+
+
+def test_heads_not_dividing_hidden_size_names_field_and_fix():
+    with pytest.raises(
+        ConfigError, match=r"model.n_heads=5 does not divide model.d_model=256: choose n_heads"
+    ):
+        compose_config("model.n_heads=5")
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=3 does not divide model.n_heads=4"):
+        compose_config("model.n_kv_heads=3")
+
+
+def test_batch_tokens_not_divisible_by_seq_len_names_field_and_fix():
+    with pytest.raises(
+        ConfigError, match=r"trainer.global_batch_tokens=1000 is not a multiple of data.seq_len=256: use e.g."
+    ):
+        compose_config("trainer.global_batch_tokens=1000")
+
+
+def test_batch_tokens_not_divisible_by_micro_batch():
+    with pytest.raises(ConfigError, match=r"micro_batch_size .* set it to a multiple of 3072"):
+        compose_config("trainer.global_batch_tokens=8192", "trainer.micro_batch_size=12")
+
+
+def test_unknown_field_is_refused_during_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config("model.n_layer=2")
+    assert "n_layer" in str(e.value) or "n_layer" in str(e.value.__cause__)
+
+
+def test_unknown_field_in_an_added_key_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\): trainer.learning_rate"):
+        compose_config("+trainer.learning_rate=1e-3")
+
+
+def test_bad_enum_value():
+    with pytest.raises(ConfigError, match=r"trainer.schedule='linear': use 'cosine' or 'wsd'"):
+        compose_config("trainer.schedule=linear")
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigCompositionException):
+        compose_config("trainer.max_steps=many")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.train", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_prints_resolved_config_and_reports_errors_cleanly(tmp_path):
+    out = _cli("experiment=quickstart", "trainer.max_steps=50", "model.n_layers=2", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "max_steps: 50" in out.stdout and "n_layers: 2" in out.stdout
+    assert "global_batch_tokens: 4096" in out.stdout
+
+    bad = _cli(
+        "experiment=quickstart", "model.n_heads=5", "trainer.wandb.mode=disabled", f"output_root={tmp_path}"
+    )
+    assert bad.returncode == 2
+    assert "config error: model.n_heads=5 does not divide model.d_model=256" in bad.stderr
+    assert "Traceback" not in bad.stderr

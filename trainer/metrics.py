@@ -1,0 +1,104 @@
+"""Training metrics: one JSON line per record in <run_dir>/metrics.jsonl, mirrored to wandb.
+
+wandb is optional at run time: offline by default (files under <run_dir>/wandb, `wandb sync` later),
+and if it cannot start for any reason the run continues with a warning instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.config import WandbConfig
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(
+        self, run_dir: str | os.PathLike, wandb_cfg: WandbConfig, run_name: str, config: dict[str, Any]
+    ):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._wandb = _start_wandb(Path(run_dir), wandb_cfg, run_name, config)
+
+    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            try:
+                self._wandb.log(
+                    {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step
+                )
+            except Exception as e:  # never let logging stop training
+                logger.warning("wandb.log failed (%s); continuing without wandb", e)
+                self._wandb = None
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as e:
+                logger.warning("wandb.finish failed: %s", e)
+            self._wandb = None
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: Optional[str] = None) -> list[dict[str, Any]]:
+    """All records of a run's metrics file (optionally only one kind), in the order written."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _start_wandb(run_dir: Path, cfg: WandbConfig, run_name: str, config: dict[str, Any]):
+    if cfg.mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=run_name,
+            mode=cfg.mode,
+            dir=str(run_dir),
+            config=config,
+            resume="allow",
+            id=_run_id(run_dir),
+        )
+    except Exception as e:
+        logger.warning(
+            "wandb could not start (%s); the run continues, metrics are in %s", e, run_dir / "metrics.jsonl"
+        )
+        return None
+
+
+def _run_id(run_dir: Path) -> str:
+    """A stable wandb id per run directory, so a resumed run appends to the same wandb run."""
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    return run_id
