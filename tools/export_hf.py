@@ -2,7 +2,8 @@
 
     python -m tools.export_hf runs/quickstart/checkpoints/step_0000300 out_dir [--tokenizer PATH]
 
-The model configuration and tokenizer location are read from the checkpoint itself.
+The model configuration and tokenizer location are read from the checkpoint itself, and a
+checkpoint written under any parallel layout (FSDP, TP, PP) consolidates into one unsharded model.
 """
 
 from __future__ import annotations
@@ -11,28 +12,21 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from data.tokenizer import load_tokenizer
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, load_model_weights, read_train_state
 from trainer.hub import to_hf
 from trainer.model import Decoder, ModelConfig
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_path: str | None = None) -> Path:
     checkpoint = Path(checkpoint)
-    state_file = checkpoint / "train_state.pt"
-    if not state_file.is_file():
-        raise CheckpointError(
-            f"{checkpoint} has no train_state.pt: give a checkpoint directory (…/checkpoints/step_N)."
-        )
-    extra = torch.load(state_file, map_location="cpu", weights_only=True)["extra"]
+    if not (checkpoint / "train_state.pt").is_file():
+        raise CheckpointError(f"{checkpoint} has no train_state.pt: give a checkpoint directory (…/checkpoints/step_N).")
+    extra = read_train_state(checkpoint)["extra"]
     if "model_config" not in extra:
-        raise CheckpointError(
-            f"{checkpoint} does not record its model config; it was written by an older version."
-        )
+        raise CheckpointError(f"{checkpoint} does not record its model config; it was written by an older version.")
     model = Decoder(ModelConfig(**extra["model_config"]))
-    load_checkpoint(checkpoint, model)
+    load_model_weights(checkpoint, model)  # consolidates any parallel layout into this plain model
     tokenizer_path = tokenizer_path or extra.get("tokenizer_path")
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     return Path(to_hf(model, out_dir, tokenizer=tokenizer))

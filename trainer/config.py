@@ -7,6 +7,7 @@ during composition, and `__post_init__` checks the values themselves before anyt
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,6 +17,7 @@ from trainer.model.config import ConfigError, ModelConfig
 __all__ = [
     "Config",
     "ConfigError",
+    "DeepSpeedConfig",
     "EvalConfig",
     "ParallelConfig",
     "TrainerConfig",
@@ -37,6 +39,20 @@ class WandbConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"trainer.wandb.mode={self.mode!r}: use 'offline', 'online' or 'disabled'.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO, used when trainer.backend=deepspeed (the DeepSpeed JSON is generated from this)."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its update) on the CPU (ZeRO-Offload)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"trainer.deepspeed.zero_stage={self.zero_stage}: use 1, 2 or 3.")
 
 
 @dataclass
@@ -78,6 +94,8 @@ class TrainerConfig:
     """Save a checkpoint every this many steps; 0: only at the end."""
     keep_last: int = 2
     """Keep this many most recent checkpoints (older ones are deleted after a newer one is complete)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background while training continues (completed at the next save or the end)."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint of the run directory, if any), 'never', or a checkpoint directory."""
     exit_at_step: int = 0
@@ -87,9 +105,14 @@ class TrainerConfig:
     """Export a Hugging Face folder (run_dir/hf) at the end of training."""
     threads: int = 0
     """torch intra-op threads on CPU; 0: leave torch's default."""
+    backend: str = "torch"
+    """'torch' (FSDP2 / tensor / pipeline parallel on the device mesh) or 'deepspeed' (ZeRO, data parallel only)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        if self.backend not in ("torch", "deepspeed"):
+            raise ConfigError(f"trainer.backend={self.backend!r}: use 'torch' or 'deepspeed'.")
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be positive.")
@@ -111,23 +134,70 @@ class TrainerConfig:
             )
 
 
+PP_SCHEDULES = {
+    # name -> pipeline stages each rank holds (multi-stage schedules interleave "virtual" stages)
+    "GPipe": 1,
+    "1F1B": 1,
+    "Interleaved1F1B": 2,
+    "LoopedBFS": 2,
+    "InterleavedZeroBubble": 2,
+    "ZBVZeroBubble": 2,
+    "DualPipeV": 2,
+}
+
+
 @dataclass
 class ParallelConfig:
-    """The device mesh. Its product must equal the number of processes (1 for a single-device run)."""
+    """The device mesh and how the model is spread over it. The product of the sizes must equal the
+    number of processes started (1 for a single-device run)."""
 
     dp_replicate: int = 1
-    """Data-parallel replicas (DDP-style or the replicate dimension of HSDP)."""
-    dp_shard: int = 1
-    """Data-parallel ranks sharding parameters (FSDP)."""
+    """Data-parallel replicas: plain replication, or the replicate dimension of HSDP when dp_shard > 1."""
+    dp_shard: int = -1
+    """Data-parallel ranks sharding parameters, gradients and optimizer state (FSDP2).
+    -1: the number of processes left after the other dimensions (WORLD_SIZE / (dp_replicate*tp*pp))."""
     tp: int = 1
-    """Tensor-parallel degree."""
+    """Tensor-parallel degree (attention heads and MLP width split across ranks)."""
     pp: int = 1
-    """Pipeline stages."""
+    """Pipeline-parallel stages (ranks along the layer stack)."""
+    ep: int = 1
+    """Expert-parallel degree for mixture-of-experts models (1: experts are not split)."""
+    sequence_parallel: bool = True
+    """With tp > 1, also split norms and residuals along the sequence (saves activation memory)."""
+    loss_parallel: bool = True
+    """With tp > 1, compute the cross-entropy on vocabulary-sharded logits without gathering them."""
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV."""
+    activation_checkpointing: str = "none"
+    """'none', 'full' (recompute every block in backward) or 'selective' (every second block)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (ZeRO-3 behaviour); False keeps them until backward."""
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "tp", "pp"):
+        for name in ("dp_replicate", "tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1.")
+        if self.dp_shard == -1:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            others = self.dp_replicate * self.tp * self.pp
+            if world % others != 0:
+                raise ConfigError(
+                    f"parallel.dp_shard=-1 cannot fill {world} processes: dp_replicate*tp*pp = {others} "
+                    f"does not divide {world}. Change parallel.tp/pp/dp_replicate or the number of processes."
+                )
+            self.dp_shard = world // others
+        if self.dp_shard < 1:
+            raise ConfigError(f"parallel.dp_shard={self.dp_shard} must be >= 1 (or -1 for 'the rest').")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r}: use one of {', '.join(PP_SCHEDULES)}.")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ConfigError(
+                f"parallel.activation_checkpointing={self.activation_checkpointing!r}: use 'none', 'full' or 'selective'."
+            )
+        if self.ep != 1:
+            raise ConfigError("parallel.ep > 1 (expert parallelism) is not available yet: use parallel.ep=1.")
 
     @property
     def world_size(self) -> int:
@@ -136,6 +206,10 @@ class ParallelConfig:
     @property
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def stages_per_rank(self) -> int:
+        return PP_SCHEDULES[self.pp_schedule] if self.pp > 1 else 1
 
 
 @dataclass
@@ -199,6 +273,42 @@ class Config:
                 f"data-parallel size = {seq} * {mbs} * {dp} = {per_step}: set it to a multiple of {per_step} "
                 "or change trainer.micro_batch_size."
             )
+
+        self._check_parallel_fits_model()
+
+    def _check_parallel_fits_model(self) -> None:
+        p, m = self.parallel, self.model
+        if self.trainer.backend == "deepspeed" and (p.tp > 1 or p.pp > 1 or p.dp_replicate > 1):
+            raise ConfigError(
+                "trainer.backend=deepspeed runs ZeRO data parallelism only: set parallel.tp=1, parallel.pp=1 and "
+                "parallel.dp_replicate=1 (use trainer.backend=torch for tensor/pipeline parallelism)."
+            )
+        if m.n_heads % p.tp or m.n_kv_heads % p.tp:
+            raise ConfigError(
+                f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}: "
+                "each tensor-parallel rank holds whole heads. Choose tp among their common divisors."
+            )
+        if p.tp > 1 and m.ffn_dim % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide model.ffn_dim={m.ffn_dim}.")
+        if p.pp > 1:
+            stages = p.pp * p.stages_per_rank
+            if stages > m.n_layers:
+                raise ConfigError(
+                    f"parallel.pp={p.pp} with schedule {p.pp_schedule} needs {stages} stages but the model has only "
+                    f"model.n_layers={m.n_layers}: lower parallel.pp or use a single-stage schedule (1F1B, GPipe)."
+                )
+            if m.tie_embeddings:
+                raise ConfigError(
+                    "model.tie_embeddings=true cannot be split across pipeline stages (the embedding lives on the "
+                    "first stage, the output projection on the last): set model.tie_embeddings=false or parallel.pp=1."
+                )
+            if self.grad_accum_steps < stages and p.pp_schedule in ("DualPipeV", "ZBVZeroBubble", "Interleaved1F1B",
+                                                                       "InterleavedZeroBubble", "LoopedBFS"):
+                raise ConfigError(
+                    f"parallel.pp_schedule={p.pp_schedule} needs at least {stages} micro-batches per step, but "
+                    f"trainer.global_batch_tokens gives {self.grad_accum_steps}: raise global_batch_tokens or lower "
+                    "trainer.micro_batch_size."
+                )
 
     @property
     def grad_accum_steps(self) -> int:

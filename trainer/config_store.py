@@ -13,21 +13,22 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import ConfigError as DataConfigError
 from data.config import register_resolvers
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, ParallelConfig
 from trainer.model.config import ModelConfig
 
 
 def schema() -> DictConfig:
     """The typed node every composition starts from.
 
-    Built from the dataclasses, but with the model's *declared* defaults: ModelConfig derives
-    n_kv_heads and ffn_dim from other fields when they are null, and that derivation must run on
-    the final values (after YAML and overrides), not be frozen into the schema's defaults.
+    Built from the dataclasses, but with the *declared* defaults of the configs that derive fields:
+    ModelConfig fills n_kv_heads and ffn_dim when null, ParallelConfig fills dp_shard=-1 from the world
+    size; that must happen on the final values (after YAML and overrides), not be frozen into the schema.
     """
     node = OmegaConf.structured(Config)
-    for f in dataclasses.fields(ModelConfig):
-        if f.default is not dataclasses.MISSING:
-            node.model[f.name] = f.default
+    for key, cls in (("model", ModelConfig), ("parallel", ParallelConfig)):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                node[key][f.name] = f.default
     return node
 
 

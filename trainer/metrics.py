@@ -102,3 +102,48 @@ def _run_id(run_dir: Path) -> str:
     run_id = secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     return run_id
+
+
+# Peak dense bf16 tensor-core FLOP/s per device (vendor datasheets, without sparsity). Matched by
+# substring of torch.cuda.get_device_name(), most specific first. MFU is not reported elsewhere (CPU).
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+]
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """Peak bf16 FLOP/s of a device by name, or None when unknown (e.g. a CPU)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory of this process: allocated CUDA memory on a GPU, peak resident set size on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux

@@ -8,11 +8,9 @@ a generated sample -> a summary of where everything went.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any, Optional
 
 import hydra
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -29,16 +28,15 @@ from data.loader import Loader, eval_batches
 from data.prepare import ensure_tokenizer, prepare
 from data.shards import ShardDataset
 from data.sources import DataError
+from data.tokenizer import Tokenizer
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError
 from trainer.config_store import register, to_config
-from trainer.eval.perplexity import evaluate_loss
+from trainer.engine import Engine
 from trainer.inference.generate import generate
-from trainer.loss import IGNORE_INDEX, lm_loss
-from trainer.metrics import MetricsLogger
+from trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
 from trainer.model import Decoder
-from trainer.optim import build_optimizer
-from trainer.schedule import build_scheduler
+from trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
 
 logger = logging.getLogger("trainer")
 
@@ -58,7 +56,7 @@ class RunResult:
     wall_seconds: float = 0.0
 
 
-def resolve_device(cfg: Config) -> torch.device:
+def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
     want = cfg.trainer.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,103 +64,125 @@ def resolve_device(cfg: Config) -> torch.device:
         raise ConfigError(
             "trainer.device='cuda' but no CUDA device is visible: use trainer.device=cpu or auto."
         )
-    return torch.device(want)
+    return torch.device(want, local_rank) if want == "cuda" else torch.device(want)
 
 
-def autocast_context(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast where it is asked for, or where 'auto' finds a device that runs bf16 fast."""
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if fast_bf16 else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def check_world(cfg: Config) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.parallel.world_size != world:
-        raise ConfigError(
-            f"the parallel layout dp_replicate*dp_shard*tp*pp = {cfg.parallel.world_size} does not match the "
-            f"{world} process(es) started: set parallel.* so that their product is {world}."
-        )
-    if world > 1:
-        raise ConfigError(
-            f"{world} processes were started, but this version trains on a single device: "
-            "run `python -m trainer.train` without torchrun."
-        )
+def prepare_data(cfg: Config, dims: ParallelDims) -> Tokenizer:
+    """Rank 0 trains the tokenizer and writes the shards if they are missing; the others then load them."""
+    error = None
+    if dims.is_main:
+        try:
+            prepare(cfg.data, ensure_tokenizer(cfg.data))
+        except (DataError, ConfigError) as e:
+            error = e
+    if dims.distributed:
+        shared = [str(error) if error else None]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and error is None:
+            raise DataError(shared[0])
+    if error is not None:
+        raise error
+    return ensure_tokenizer(cfg.data)
 
 
 def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
-    """Train according to `cfg`. Safe to call again on the same run_dir: it resumes."""
+    """Train according to `cfg`. Safe to call again on the same run_dir: it resumes.
+
+    Every process started by torchrun calls this; a single-device run is the 1-process case.
+    """
     started = time.perf_counter()
-    check_world(cfg)
+    dims = init_parallel(cfg.parallel, "cuda" if resolve_device(cfg).type == "cuda" else "cpu")
+    device = resolve_device(cfg, dims.local_rank)
+    if not dims.is_main:  # one voice in the console: rank 0 logs, the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resolved_yaml is None:
-        resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    (run_dir / "config.yaml").write_text(resolved_yaml)
+    if dims.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resolved_yaml is None:
+            resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        (run_dir / "config.yaml").write_text(resolved_yaml)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg)
-    autocast = autocast_context(cfg, device)
 
-    # -- data: tokenizer and packed shards (both reused when already prepared) --
-    tokenizer = ensure_tokenizer(cfg.data)
-    prepare(cfg.data, tokenizer)
+    # -- data: tokenizer and packed shards (prepared once, reused afterwards) --
+    tokenizer = prepare_data(cfg, dims)
     train_set = ShardDataset(Path(cfg.data.prepared_dir) / "train")
     val_set = ShardDataset(Path(cfg.data.prepared_dir) / "val")
-    loader = Loader(train_set, cfg.trainer.micro_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    loader = Loader(
+        train_set,
+        cfg.trainer.micro_batch_size,
+        seed=cfg.data.seed,
+        shuffle=cfg.data.shuffle,
+        dp_rank=dims.dp_rank,
+        dp_world_size=dims.dp_size,
+    )
 
-    # -- model, optimizer, schedule --
+    # -- model: built whole on every rank from the same seed, then split by the parallel layout --
     cfg.model.with_vocab(tokenizer.vocab_size)
     model = Decoder.build(cfg.model, device=device, seed=cfg.trainer.seed)
-    optimizer = build_optimizer(model, cfg.trainer)
-    scheduler = build_scheduler(optimizer, cfg.trainer)
+    if cfg.trainer.backend == "deepspeed":
+        from trainer.parallel.deepspeed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(cfg, dims, device, model)
+    else:
+        engine = Engine(cfg, dims, device, model)
+    del model  # the engine owns it now
+    checkpointer = ckpt.Checkpointer(
+        run_dir / "checkpoints", keep_last=cfg.trainer.keep_last, async_save=cfg.trainer.async_checkpoint
+    )
 
     # -- resume --
     step, initial_val_loss = 0, None
-    checkpoint_dir = run_dir / "checkpoints"
-    resume_from = _checkpoint_to_resume(cfg, checkpoint_dir)
+    resume_from = _checkpoint_to_resume(cfg, checkpointer.root)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = engine.load(resume_from)
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
         initial_val_loss = state["extra"].get("initial_val_loss")
         logger.info("resumed from %s at step %d", resume_from, step)
 
-    metrics = MetricsLogger(
-        run_dir, cfg.trainer.wandb, cfg.name, OmegaConf.to_container(OmegaConf.structured(cfg))
-    )
+    metrics = None
+    if dims.is_main:
+        metrics = MetricsLogger(
+            run_dir, cfg.trainer.wandb, cfg.name, OmegaConf.to_container(OmegaConf.structured(cfg))
+        )
     accum = cfg.grad_accum_steps
-    tokens_per_step = cfg.trainer.global_batch_tokens
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    n_params = sum(p.numel() for part in engine.parts for p in part.parameters())
+    flops_per_token = _flops_per_token(cfg)
+    peak = peak_flops(device_name(device))
     logger.info(
-        "model: %s parameters (%s without embeddings), %.1f MFLOPs per token | device %s, %s",
-        f"{model.num_params():,}",
-        f"{model.num_params(exclude_embeddings=True):,}",
+        "model: %s parameters on this rank, %.1f MFLOPs per token | %s, %s | mesh pp=%d dp_replicate=%d "
+        "dp_shard=%d tp=%d (%d processes)",
+        f"{n_params:,}",
         flops_per_token / 1e6,
-        device,
-        "bf16 autocast" if not isinstance(autocast, contextlib.nullcontext) else "fp32",
+        device_name(device),
+        engine.precision,
+        cfg.parallel.pp,
+        cfg.parallel.dp_replicate,
+        cfg.parallel.dp_shard,
+        cfg.parallel.tp,
+        dims.world_size,
     )
     logger.info(
         "batch: %d tokens per step = micro-batch %d x seq_len %d x grad-accumulation %d x data-parallel %d | "
         "train %s sequences, val %s",
-        tokens_per_step,
+        cfg.trainer.global_batch_tokens,
         cfg.trainer.micro_batch_size,
         cfg.data.seq_len,
         accum,
-        cfg.parallel.dp_size,
+        dims.dp_size,
         f"{len(train_set):,}",
         f"{len(val_set):,}",
     )
 
+    def log(at_step: int, record: dict[str, Any], kind: str) -> None:
+        if metrics is not None:
+            metrics.log(at_step, record, kind=kind)
+
     def validate(at_step: int) -> dict[str, float]:
-        batches = eval_batches(val_set, cfg.eval.batch_size, cfg.eval.max_batches)
-        result = evaluate_loss(model, batches, device, autocast)
-        metrics.log(at_step, {"loss": result["loss"], "perplexity": result["perplexity"]}, kind="val")
+        result = engine.evaluate(eval_batches(val_set, cfg.eval.batch_size, cfg.eval.max_batches))
+        log(at_step, {"loss": result["loss"], "perplexity": result["perplexity"]}, "val")
         logger.info(
             "step %d | val loss %.4f | val perplexity %.2f", at_step, result["loss"], result["perplexity"]
         )
@@ -171,9 +191,16 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
     if step == 0:
         initial_val_loss = validate(0)["loss"]
 
+    def save(at_step: int) -> Path:
+        extra = {
+            "initial_val_loss": initial_val_loss,
+            "model_config": dataclasses.asdict(cfg.model),
+            "tokenizer_path": str(Path(cfg.data.tokenizer.path).resolve()),
+        }
+        return engine.save(checkpointer, at_step, {"loader": loader.state_dict(), "extra": extra})
+
     last_checkpoint = None
     exit_early = False
-    model.train()
     with logging_redirect_tqdm():
         bar = tqdm(
             total=cfg.trainer.max_steps,
@@ -181,55 +208,43 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
             desc="train",
             unit="step",
             dynamic_ncols=True,
-            disable=None,
+            disable=None if dims.is_main else True,
         )
         while step < cfg.trainer.max_steps:
             t0 = time.perf_counter()
-            micro_batches = [next(loader) for _ in range(accum)]
-            n_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-            loss_sum = 0.0
-            for batch in micro_batches:
-                with autocast:
-                    logits = model(
-                        batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)
-                    )
-                # Sum over tokens / tokens in the whole step: every token weighs the same, whatever micro-batch it is in.
-                loss = lm_loss(logits, batch["labels"].to(device), reduction="sum") / n_tokens
-                loss.backward()
-                loss_sum += loss.item()
-            max_norm = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = engine.train_step([next(loader) for _ in range(accum)])
             step += 1
             dt = time.perf_counter() - t0
-
+            loss, tokens_per_s = out["loss"], out["tokens"] / dt
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 record = {
-                    "loss": loss_sum,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": n_tokens / dt,
+                    "loss": loss,
+                    "lr": out["lr"],
+                    "grad_norm": out["grad_norm"],
+                    "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_device": tokens_per_s / dims.world_size,
                     "step_time_s": dt,
                     "tokens_seen": loader.samples_seen * cfg.data.seq_len,
+                    "peak_memory_gib": peak_memory_gib(device),
                 }
-                metrics.log(step, record)
+                if peak is not None:
+                    record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
+                log(step, record, "train")
                 logger.info(
-                    "step %d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %.3f s/step",
+                    "step %d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %.3f s/step%s",
                     step,
-                    loss_sum,
-                    lr,
-                    grad_norm,
-                    n_tokens / dt,
+                    loss,
+                    out["lr"],
+                    out["grad_norm"],
+                    tokens_per_s,
                     dt,
+                    f" | MFU {record['mfu']:.1%}" if "mfu" in record else "",
                 )
-            if not math.isfinite(loss_sum):
+            if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss_sum} at step {step}: lower trainer.lr or check the data."
+                    f"loss is {loss} at step {step}: lower trainer.lr or check the data."
                 )
 
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.max_steps:
@@ -239,43 +254,49 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
             )
             periodic = cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
             if periodic or exit_early or step == cfg.trainer.max_steps:
-                last_checkpoint = ckpt.save_checkpoint(
-                    checkpoint_dir,
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    loader.state_dict(),
-                    extra={
-                        "initial_val_loss": initial_val_loss,
-                        "model_config": dataclasses.asdict(cfg.model),
-                        "tokenizer_path": str(Path(cfg.data.tokenizer.path).resolve()),
-                    },
-                    keep_last=cfg.trainer.keep_last,
-                )
+                last_checkpoint = save(step)
             if exit_early:
                 logger.info(
                     "exiting at step %d as asked (trainer.exit_at_step); resume by running again", step
                 )
                 break
         bar.close()
+    checkpointer.wait()
 
-    if exit_early:
+    result = RunResult(run_dir, step, initial_val_loss, float("nan"), float("nan"), last_checkpoint, None)
+    if not exit_early:
+        final = validate(step)
+        result.final_val_loss, result.final_val_perplexity = final["loss"], final["perplexity"]
+        if last_checkpoint is None:
+            found = ckpt.latest_checkpoint(checkpointer.root)
+            result.checkpoint = found.path if found else None
+        full_model = engine.full_model(result.checkpoint)
+        if full_model is not None:
+            _export_and_sample(cfg, full_model, tokenizer, result)
+        del full_model
+        log(step, {f"sample_{i}": s for i, s in enumerate(result.samples.values())}, "samples")
+    if metrics is not None:
         metrics.close()
-        return RunResult(run_dir, step, initial_val_loss, float("nan"), float("nan"), last_checkpoint, None)
+    result.wall_seconds = time.perf_counter() - started
+    if dims.is_main and not exit_early:
+        _print_summary(cfg, result, tokenizer_path=cfg.data.tokenizer.path)
+    if dims.distributed:
+        del engine, loader
+        shutdown()
+    return result
 
-    final = validate(step)
-    if last_checkpoint is None:
-        found = ckpt.latest_checkpoint(checkpoint_dir)
-        last_checkpoint = found.path if found else None
-    hf_dir = None
+
+def _flops_per_token(cfg: Config) -> int:
+    with torch.device("meta"):
+        return Decoder(cfg.model).flops_per_token(cfg.data.seq_len)
+
+
+def _export_and_sample(cfg: Config, model: Decoder, tokenizer: Tokenizer, result: RunResult) -> None:
     if cfg.trainer.export_hf:
         from trainer.hub import to_hf
 
-        hf_dir = Path(to_hf(model, run_dir / "hf", tokenizer=tokenizer))
-        logger.info("exported a Hugging Face folder to %s", hf_dir)
-
-    samples = {}
+        result.hf_dir = Path(to_hf(model, result.run_dir / "hf", tokenizer=tokenizer))
+        logger.info("exported a Hugging Face folder to %s", result.hf_dir)
     for i, prompt in enumerate(cfg.eval.prompts):
         new_ids = generate(
             model,
@@ -287,23 +308,7 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
             seed=cfg.trainer.seed + i,
             max_context=cfg.data.seq_len,
         )
-        samples[prompt] = prompt + tokenizer.decode(new_ids)
-    metrics.log(step, {f"sample_{i}": s for i, s in enumerate(samples.values())}, kind="samples")
-    metrics.close()
-
-    result = RunResult(
-        run_dir,
-        step,
-        initial_val_loss,
-        final["loss"],
-        final["perplexity"],
-        last_checkpoint,
-        hf_dir,
-        samples,
-        wall_seconds=time.perf_counter() - started,
-    )
-    _print_summary(cfg, result, tokenizer_path=cfg.data.tokenizer.path)
-    return result
+        result.samples[prompt] = prompt + tokenizer.decode(new_ids)
 
 
 def _checkpoint_to_resume(cfg: Config, checkpoint_dir: Path) -> Optional[Path]:

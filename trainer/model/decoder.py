@@ -68,6 +68,19 @@ class Decoder(nn.Module):
             h = layer(h, cos, sin)
         return self.output(self.norm(h))
 
+    def forward_stage(self, x: torch.Tensor, layers: list[nn.Module], embed: bool, head: bool) -> torch.Tensor:
+        """Run part of the model, for pipeline parallelism: [embedding] -> `layers` -> [final norm + output].
+
+        x is token ids when `embed`, else hidden states from the previous stage. Positions are 0..T-1.
+        """
+        h = self.tok_embeddings(x) if embed else x
+        B, T = h.shape[:2]
+        position_ids = torch.arange(T, device=h.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype=h.dtype)
+        for layer in layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h)) if head else h
+
     # ---- construction and initialisation --------------------------------------------------------------------
 
     @classmethod

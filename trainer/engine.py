@@ -1,0 +1,235 @@
+"""The training engine: a parallelized model with its optimizers, and what one step does with it.
+
+The same code serves a single-device run (1x1 mesh: no process group, plain modules) and every
+torchrun layout (FSDP2 / HSDP, tensor + sequence parallel, pipeline parallel, and their products).
+The training loop in `train.py` only calls `train_step`, `evaluate`, `save`, `load` and `full_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from trainer import checkpoint as ckpt
+from trainer.config import Config
+from trainer.loss import IGNORE_INDEX, lm_loss
+from trainer.model import Decoder
+from trainer.optim import build_optimizer
+from trainer.parallel.mesh import ParallelDims
+from trainer.parallel.parallelize import parallelize, uses_fsdp
+from trainer.parallel.pipeline import Pipeline, build_pipeline
+from trainer.schedule import build_scheduler
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Engine:
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, model: Decoder) -> None:
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.model_cfg = model.cfg
+        bf16 = _wants_bf16(cfg, device)
+        fsdp = uses_fsdp(dims)
+        # FSDP2 does mixed precision itself (bf16 compute copies, fp32 master weights and reductions);
+        # without it, autocast does.
+        param_dtype = torch.bfloat16 if (bf16 and fsdp) else torch.float32
+        self.autocast = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            if (bf16 and not fsdp)
+            else contextlib.nullcontext()
+        )
+        self.precision = "bf16" if bf16 else "fp32"
+        self.tp_loss_parallel = dims.cfg.tp > 1 and dims.cfg.loss_parallel
+        self.pipeline: Optional[Pipeline] = None
+        if dims.cfg.pp > 1:
+            self.pipeline = build_pipeline(
+                model,
+                dims,
+                device,
+                n_microbatches=cfg.grad_accum_steps,
+                loss_fn=self._pipeline_loss,
+                parallelize_stage=lambda m: parallelize(m, dims, param_dtype),
+            )
+            self.parts: list[nn.Module] = list(self.pipeline.modules)
+        else:
+            self.parts = [parallelize(model, dims, param_dtype)]
+        self.optimizers = [build_optimizer(p, cfg.trainer) for p in self.parts]
+        self.schedulers = [build_scheduler(o, cfg.trainer) for o in self.optimizers]
+
+    # ---- one optimizer step ----------------------------------------------------------------------------
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        return loss_parallel() if self.tp_loss_parallel else contextlib.nullcontext()
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._loss_context():
+            return lm_loss(logits, labels)
+
+    def _all_reduce(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
+        if self.dims.distributed:
+            dist.all_reduce(value, group=self.dims.group(*dims))
+        return value
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward and backward over this rank's micro-batches, clip, step. Returns the global mean loss."""
+        n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        n_global = int(self._all_reduce(torch.tensor(float(n_local)), "dp_replicate", "dp_shard").item())
+        if self.pipeline is not None:
+            loss = self._pipeline_step(micro_batches)
+        else:
+            loss = self._accumulation_step(micro_batches, n_global)
+        grad_norm = self._clip_gradients()
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
+
+    def _accumulation_step(self, micro_batches: list[dict[str, torch.Tensor]], n_global: int) -> float:
+        model = self.parts[0]
+        # Each token weighs the same whichever rank and micro-batch it is in: sum the token losses and
+        # divide by the global token count. FSDP averages gradients over the dp ranks, hence * dp_size.
+        scale = self.dims.dp_size / n_global
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            with self.autocast:
+                logits = model(
+                    batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device)
+                )
+            with self._loss_context():
+                loss = lm_loss(logits, batch["labels"].to(self.device), reduction="sum")
+                (loss * scale).backward()
+            loss_sum += _local(loss.detach()).float()
+        total = self._all_reduce(loss_sum, "dp_replicate", "dp_shard")
+        return total.item() / n_global
+
+    def _pipeline_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        pipe = self.pipeline
+        inputs = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
+        labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if pipe.has_first_stage else ()
+        with self.autocast:
+            pipe.schedule.step(
+                *args,
+                target=labels if pipe.has_last_stage else None,
+                losses=losses if pipe.has_last_stage else None,
+            )
+        return self._pipeline_mean_loss(losses)
+
+    def _pipeline_mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """The last stage has the per-micro-batch losses: share their mean with every rank."""
+        value = torch.zeros((), device=self.device)
+        if self.pipeline.has_last_stage:
+            value += torch.stack([_local(x).detach().float() for x in losses]).mean()
+        self._all_reduce(value, "pp")
+        self._all_reduce(value, "dp_replicate", "dp_shard")
+        return value.item() / self.dims.dp_size
+
+    def _clip_gradients(self) -> float:
+        params = [p for part in self.parts for p in part.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        norm = _local(norm)
+        if self.dims.cfg.pp > 1:  # each stage holds only its own parameters' gradients
+            norm = self._all_reduce(norm.pow(2), "pp").sqrt()
+        max_norm = self.cfg.trainer.grad_clip
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.item()
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Token-weighted mean validation loss; every rank evaluates the same batches."""
+        for part in self.parts:
+            part.eval()
+        total, tokens = 0.0, 0
+        try:
+            for batch in batches:
+                labels = batch["labels"].to(self.device)
+                n = int((labels != IGNORE_INDEX).sum())
+                if self.pipeline is not None:
+                    mean = self._pipeline_eval(batch)
+                    if mean is None:
+                        continue
+                    total += mean * n
+                else:
+                    with self.autocast:
+                        logits = self.parts[0](
+                            batch["input_ids"].to(self.device),
+                            position_ids=batch["position_ids"].to(self.device),
+                        )
+                    with self._loss_context():
+                        total += _local(lm_loss(logits, labels, reduction="sum")).item()
+                tokens += n
+        finally:
+            for part in self.parts:
+                part.train()
+        if tokens == 0:
+            raise ValueError("the validation set is empty: raise data.val_fraction or lower data.seq_len")
+        loss = total / tokens
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+    def _pipeline_eval(self, batch: dict[str, torch.Tensor]) -> Optional[float]:
+        pipe = self.pipeline
+        n_micro = self.cfg.grad_accum_steps
+        rows = batch["input_ids"].shape[0]
+        if rows % n_micro:  # the schedule splits a batch into n_micro equal micro-batches
+            return None
+        losses: list[torch.Tensor] = []
+        args = (batch["input_ids"].to(self.device),) if pipe.has_first_stage else ()
+        with self.autocast:
+            pipe.schedule.eval(
+                *args,
+                target=batch["labels"].to(self.device) if pipe.has_last_stage else None,
+                losses=losses if pipe.has_last_stage else None,
+            )
+        value = torch.zeros((), device=self.device)
+        if pipe.has_last_stage:
+            value += torch.stack([_local(x).float() for x in losses]).mean()
+        return self._all_reduce(value, "pp").item()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    def save(self, checkpointer: ckpt.Checkpointer, step: int, train_state: dict[str, Any]) -> Path:
+        state = {"scheduler": self.schedulers[0].state_dict(), **train_state}
+        return checkpointer.save(step, self.parts, self.optimizers, state)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = ckpt.load_checkpoint(path, self.parts, self.optimizers)
+        for sched in self.schedulers:
+            sched.load_state_dict(state["scheduler"])
+        return state
+
+    def full_model(self, checkpoint: Optional[Path]) -> Optional[Decoder]:
+        """An unsharded copy of the model on this rank, for export and sampling.
+
+        Single process: the model itself. Distributed: rank 0 rebuilds it from the checkpoint just
+        written (any layout consolidates the same way); other ranks get None.
+        """
+        if not self.dims.distributed:
+            return self.parts[0]
+        if not self.dims.is_main or checkpoint is None:
+            return None
+        model = Decoder(self.model_cfg)
+        ckpt.load_model_weights(checkpoint, model)
+        return model.to(self.device)
+
+
+def _wants_bf16(cfg: Config, device: torch.device) -> bool:
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"

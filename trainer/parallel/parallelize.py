@@ -1,0 +1,136 @@
+"""Apply parallelism to a model (or a pipeline stage of it), in one fixed order:
+
+    tensor + sequence parallel  ->  activation checkpointing  ->  torch.compile per block  ->  FSDP2
+
+(the pipeline split happens before, in `pipeline.py`). The model code knows nothing of this: plans
+address its plain nn.Linear / nn.Embedding / RMSNorm modules by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from trainer.config import ParallelConfig
+from trainer.parallel.mesh import ParallelDims
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Parallelize `model` in place according to `dims.cfg`; returns it.
+
+    `model` is a Decoder or a pipeline stage of one (same attribute names, some of them None).
+    `param_dtype` is the dtype FSDP2 computes in (bf16 for mixed precision); gradients are reduced in fp32.
+    """
+    cfg = dims.cfg
+    if cfg.tp > 1:
+        apply_tensor_parallel(model, dims.sub_mesh("tp"), cfg)
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.compile:
+        for name, block in list(_blocks(model)):
+            _set_block(model, name, torch.compile(block, fullgraph=False))
+    if uses_fsdp(dims):
+        dp_dims = ("dp_replicate", "dp_shard") if cfg.dp_replicate > 1 else ("dp_shard",)
+        apply_fsdp(model, dims.sub_mesh(*dp_dims), param_dtype, cfg.reshard_after_forward)
+    return model
+
+
+def uses_fsdp(dims: ParallelDims) -> bool:
+    """FSDP2 wraps the model whenever there is data parallelism; it then also does mixed precision
+    (parameters cast to bf16 for compute, gradients reduced in fp32). Without it, autocast does."""
+    return dims.distributed and dims.dp_size > 1
+
+
+def _blocks(model: nn.Module):
+    layers = model.layers
+    items = layers.items() if isinstance(layers, nn.ModuleDict) else enumerate(layers)
+    return [(str(k), v) for k, v in items]
+
+
+def _set_block(model: nn.Module, name: str, block: nn.Module) -> None:
+    if isinstance(model.layers, nn.ModuleDict):
+        model.layers[name] = block
+    else:
+        model.layers[int(name)] = block
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    """Megatron-style TP: q/k/v and MLP up/gate split by columns (heads), o and down by rows.
+
+    With sequence parallelism the residual stream between blocks is split along the sequence, so
+    norms run on 1/tp of the tokens, and the all-reduce of plain TP becomes reduce-scatter + all-gather.
+    With loss parallelism the output projection leaves logits split along the vocabulary, and the
+    cross-entropy (under `loss_parallel()`) never gathers them.
+    """
+    sp = cfg.sequence_parallel
+    residual = Shard(1) if sp else Replicate()
+    top_plan = {}
+    if getattr(model, "tok_embeddings", None) is not None:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if getattr(model, "norm", None) is not None and sp:
+        top_plan["norm"] = SequenceParallel()
+    if getattr(model, "output", None) is not None:
+        top_plan["output"] = ColwiseParallel(
+            input_layouts=residual,
+            output_layouts=Shard(-1) if cfg.loss_parallel else Replicate(),
+            use_local_output=not cfg.loss_parallel,
+        )
+    tied = getattr(model, "tok_embeddings", None) is not None and getattr(model, "output", None) is not None
+    tied = tied and model.output.weight is model.tok_embeddings.weight
+    parallelize_module(model, tp_mesh, top_plan)
+    if tied:
+        # Each module's parameter was distributed separately, which unties them; both are Shard(0) of
+        # the same [vocab, d_model] matrix, so sharing one DTensor is exact.
+        model.output.weight = model.tok_embeddings.weight
+
+    for _, block in _blocks(model):
+        plan = {
+            "attention": PrepareModuleInput(
+                input_layouts=(residual, None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=residual),
+            "feed_forward": PrepareModuleInput(
+                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
+            ),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=residual),
+        }
+        if sp:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """'full': recompute every block in backward; 'selective': every second block (half the memory
+    saving for half the recompute)."""
+    for i, (name, block) in enumerate(_blocks(model)):
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            _set_block(model, name, checkpoint_wrapper(block, preserve_rng_state=False))
+
+
+def apply_fsdp(
+    model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool
+) -> None:
+    """FSDP2: each block is its own unit (gathered just in time, freed after use); the root unit holds
+    the embeddings, final norm and output projection. A 2-D mesh (replicate, shard) gives HSDP."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for _, block in _blocks(model):
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again right at the start of backward: keep them gathered.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
