@@ -138,6 +138,11 @@ class Checkpointer:
             # interleave and hang), so they get their own gloo group.
             self._async_group = dist.new_group(backend="gloo")
 
+    def paths(self, step: int) -> tuple[Path, Path]:
+        """(final, temporary) directories of the checkpoint of `step`."""
+        final = self.root / f"step_{step:07d}"
+        return final, final.with_name(final.name + ".tmp")
+
     def save(
         self,
         step: int,
@@ -146,7 +151,7 @@ class Checkpointer:
         train_state: dict[str, Any],
     ) -> Path:
         self.wait()
-        final, tmp = self.root / f"step_{step:07d}", self.root / f"step_{step:07d}.tmp"
+        final, tmp = self.paths(step)
         if _is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():

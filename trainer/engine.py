@@ -26,7 +26,7 @@ from trainer.model import Decoder
 from trainer.optim import build_optimizer
 from trainer.parallel.mesh import ParallelDims
 from trainer.parallel.parallelize import parallelize, uses_fsdp
-from trainer.parallel.pipeline import Pipeline, build_pipeline
+from trainer.parallel.pipeline import Pipeline, build_pipeline, stage_ids_for_rank
 from trainer.schedule import build_scheduler
 
 
@@ -38,7 +38,7 @@ class Engine:
     def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, model: Decoder) -> None:
         self.cfg, self.dims, self.device = cfg, dims, device
         self.model_cfg = model.cfg
-        bf16 = _wants_bf16(cfg, device)
+        bf16 = wants_bf16(cfg, device)
         fsdp = uses_fsdp(dims)
         # FSDP2 does mixed precision itself (bf16 compute copies, fp32 master weights and reductions);
         # without it, autocast does.
@@ -63,7 +63,8 @@ class Engine:
             self.parts: list[nn.Module] = list(self.pipeline.modules)
         else:
             self.parts = [parallelize(model, dims, param_dtype)]
-        self.optimizers = [build_optimizer(p, cfg.trainer) for p in self.parts]
+        mixed_dtensors = dims.cfg.tp > 1 and not dims.cfg.sequence_parallel
+        self.optimizers = [build_optimizer(p, cfg.trainer, foreach=not mixed_dtensors) for p in self.parts]
         self.schedulers = [build_scheduler(o, cfg.trainer) for o in self.optimizers]
 
     # ---- one optimizer step ----------------------------------------------------------------------------
@@ -138,14 +139,28 @@ class Engine:
         return value.item() / self.dims.dp_size
 
     def _clip_gradients(self) -> float:
-        params = [p for part in self.parts for p in part.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        norm = _local(norm)
+        """Clip by the global gradient norm over all parameters of all stages and ranks.
+
+        Gradients come as plain tensors and as DTensors on different meshes (e.g. norms replicated
+        while projections are tensor-parallel), which one fused norm cannot mix: norms are taken per
+        mesh, made global with `full_tensor`, and combined as a sum of squares.
+        """
+        groups: dict[object, list[torch.Tensor]] = {}
+        for part in self.parts:
+            for p in part.parameters():
+                if p.grad is not None:
+                    key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                    groups.setdefault(key, []).append(p)
+        sq = torch.zeros((), device=self.device)
+        for params in groups.values():
+            sq += _local(torch.nn.utils.get_total_norm([p.grad for p in params])).float().pow(2)
         if self.dims.cfg.pp > 1:  # each stage holds only its own parameters' gradients
-            norm = self._all_reduce(norm.pow(2), "pp").sqrt()
+            self._all_reduce(sq, "pp")
+        norm = sq.sqrt()
         max_norm = self.cfg.trainer.grad_clip
         if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            for params in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm.item()
 
     # ---- evaluation ----------------------------------------------------------------------------------------
@@ -161,10 +176,7 @@ class Engine:
                 labels = batch["labels"].to(self.device)
                 n = int((labels != IGNORE_INDEX).sum())
                 if self.pipeline is not None:
-                    mean = self._pipeline_eval(batch)
-                    if mean is None:
-                        continue
-                    total += mean * n
+                    total += self._pipeline_eval(batch) * n
                 else:
                     with self.autocast:
                         logits = self.parts[0](
@@ -182,23 +194,31 @@ class Engine:
         loss = total / tokens
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
-    def _pipeline_eval(self, batch: dict[str, torch.Tensor]) -> Optional[float]:
-        pipe = self.pipeline
-        n_micro = self.cfg.grad_accum_steps
-        rows = batch["input_ids"].shape[0]
-        if rows % n_micro:  # the schedule splits a batch into n_micro equal micro-batches
-            return None
-        losses: list[torch.Tensor] = []
-        args = (batch["input_ids"].to(self.device),) if pipe.has_first_stage else ()
-        with self.autocast:
-            pipe.schedule.eval(
-                *args,
-                target=batch["labels"].to(self.device) if pipe.has_last_stage else None,
-                losses=losses if pipe.has_last_stage else None,
-            )
+    def _pipeline_eval(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward only, one stage after another, with plain point-to-point sends.
+
+        (The schedules' own `eval` does not run for every schedule: the zero-bubble ones plan
+        backward-input steps even without a backward.) Returns the batch's mean token loss.
+        """
+        pipe, cfg = self.pipeline, self.dims.cfg
+        group = self.dims.group("pp")
+        owner = {sid: r for r in range(cfg.pp) for sid in stage_ids_for_rank(cfg, r)}
+        mine = {stage.stage_index: module for stage, module in zip(pipe.stages, pipe.modules)}
+        me, last = self.dims.pp_rank, cfg.pp * cfg.stages_per_rank - 1
+        h: Optional[torch.Tensor] = batch["input_ids"].to(self.device)
         value = torch.zeros((), device=self.device)
-        if pipe.has_last_stage:
-            value += torch.stack([_local(x).float() for x in losses]).mean()
+        for sid in range(last + 1):
+            if owner[sid] != me:
+                continue
+            if sid > 0 and owner[sid - 1] != me:
+                h = _recv_tensor(dist.get_global_rank(group, owner[sid - 1]), self.device)
+            with self.autocast:
+                h = mine[sid](h)
+            if sid < last and owner[sid + 1] != me:
+                _send_tensor(_local(h).float(), dist.get_global_rank(group, owner[sid + 1]))
+            if sid == last:
+                with self._loss_context():
+                    value += _local(lm_loss(h, batch["labels"].to(self.device))).float()
         return self._all_reduce(value, "pp").item()
 
     # ---- checkpoints -----------------------------------------------------------------------------------
@@ -228,7 +248,20 @@ class Engine:
         return model.to(self.device)
 
 
-def _wants_bf16(cfg: Config, device: torch.device) -> bool:
+def _send_tensor(t: torch.Tensor, dst: int) -> None:
+    dist.send(torch.tensor(t.shape, dtype=torch.long), dst)
+    dist.send(t.contiguous(), dst)
+
+
+def _recv_tensor(src: int, device: torch.device) -> torch.Tensor:
+    shape = torch.zeros(3, dtype=torch.long)
+    dist.recv(shape, src)
+    t = torch.empty(tuple(shape.tolist()), device=device)
+    dist.recv(t, src)
+    return t
+
+
+def wants_bf16(cfg: Config, device: torch.device) -> bool:
     precision = cfg.trainer.precision
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()

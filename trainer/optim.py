@@ -31,13 +31,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
-    # foreach=True keeps CPU and GPU on the same (multi-tensor) code path, so results do not
-    # depend on which implementation torch picks by default for the device.
+def build_optimizer(model: nn.Module, cfg: TrainerConfig, foreach: bool = True) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters.
+
+    foreach=True (the multi-tensor path) keeps CPU and GPU on the same code path, so results do not
+    depend on which implementation torch picks for the device. It cannot mix plain tensors with
+    DTensors in one group (tensor parallelism without sequence parallelism leaves norms plain):
+    pass foreach=False there.
+    """
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        foreach=True,
+        foreach=foreach,
     )

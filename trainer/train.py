@@ -148,7 +148,8 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
             run_dir, cfg.trainer.wandb, cfg.name, OmegaConf.to_container(OmegaConf.structured(cfg))
         )
     accum = cfg.grad_accum_steps
-    n_params = sum(p.numel() for part in engine.parts for p in part.parameters())
+    # (ZeRO-3 swaps parameters for empty placeholders; ds_numel is their real size)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for part in engine.parts for p in part.parameters())
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(device_name(device))
     logger.info(

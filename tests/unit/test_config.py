@@ -94,3 +94,53 @@ def test_cli_prints_resolved_config_and_reports_errors_cleanly(tmp_path):
     assert bad.returncode == 2
     assert "config error: model.n_heads=5 does not divide model.d_model=256" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ---- parallel layouts: refused before any process group exists -------------------------------------------
+
+
+def test_dp_shard_fills_the_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = compose_config("parallel.tp=2", "trainer.global_batch_tokens=16384")
+    assert cfg.parallel.dp_shard == 4 and cfg.parallel.dp_size == 4
+
+
+def test_dp_shard_cannot_fill_an_indivisible_world(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ConfigError, match=r"parallel.dp_shard=-1 cannot fill 6 processes: dp_replicate\*tp\*pp = 4"):
+        compose_config("parallel.tp=2", "parallel.pp=2")
+
+
+def test_layout_must_match_processes_started():
+    from trainer.parallel.mesh import check_layout
+
+    cfg = compose_config("parallel.dp_shard=2", "parallel.tp=2")
+    with pytest.raises(ConfigError, match=r"= 4 does not match the 1 process\(es\) started"):
+        check_layout(cfg.parallel, 1)
+
+
+def test_tp_must_divide_heads_and_kv_heads():
+    with pytest.raises(ConfigError, match=r"parallel.tp=4 must divide model.n_heads=4 and model.n_kv_heads=2"):
+        compose_config("parallel.tp=4", "parallel.dp_shard=1")
+
+
+def test_pp_stages_cannot_exceed_layers():
+    with pytest.raises(ConfigError, match=r"parallel.pp=4 with schedule Interleaved1F1B needs 8 stages .* model.n_layers=4"):
+        compose_config("parallel.pp=4", "parallel.dp_shard=1", "parallel.pp_schedule=Interleaved1F1B",
+                       "model.tie_embeddings=false")
+
+
+def test_pp_refuses_tied_embeddings_and_too_few_microbatches():
+    with pytest.raises(ConfigError, match=r"tie_embeddings=true cannot be split across pipeline stages"):
+        compose_config("parallel.pp=2", "parallel.dp_shard=1")
+    with pytest.raises(ConfigError, match=r"DualPipeV needs at least 4 micro-batches per step"):
+        compose_config("parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=DualPipeV",
+                       "model.tie_embeddings=false", "trainer.global_batch_tokens=8192",
+                       "trainer.micro_batch_size=16")
+
+
+def test_unknown_schedule_and_deepspeed_with_tp():
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule='Zigzag': use one of GPipe, 1F1B"):
+        compose_config("parallel.pp_schedule=Zigzag")
+    with pytest.raises(ConfigError, match=r"trainer.backend=deepspeed runs ZeRO data parallelism only"):
+        compose_config("trainer.backend=deepspeed", "parallel.tp=2", "parallel.dp_shard=1")

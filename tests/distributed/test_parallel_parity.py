@@ -1,0 +1,37 @@
+"""Every parallel layout trains exactly like one process: same global batch and seed, fp32, 5 steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.conftest import assert_same_losses, losses, run_ok
+
+LAYOUTS = {
+    # name: (processes, overrides)
+    "fsdp2_2": (2, ["parallel.dp_shard=2"]),
+    "fsdp2_4": (4, ["parallel.dp_shard=4"]),
+    "hsdp_2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "tp_sp_2": (2, ["parallel.tp=2", "parallel.dp_shard=1"]),
+    "tp_no_sp_2": (2, ["parallel.tp=2", "parallel.dp_shard=1", "parallel.sequence_parallel=false",
+                       "parallel.loss_parallel=false"]),
+    "fsdp_x_tp_4": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
+    "fsdp2_full_ac_2": (2, ["parallel.dp_shard=2", "parallel.activation_checkpointing=full"]),
+    "fsdp2_selective_ac_2": (2, ["parallel.dp_shard=2", "parallel.activation_checkpointing=selective",
+                                 "parallel.reshard_after_forward=false"]),
+    "pp_x_fsdp_4": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=1F1B"]),
+}
+
+SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+for _schedule in SCHEDULES:
+    for _pp in (2, 4):
+        LAYOUTS[f"pp{_pp}_{_schedule}"] = (_pp, [f"parallel.pp={_pp}", "parallel.dp_shard=1",
+                                                  f"parallel.pp_schedule={_schedule}"])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, dist_root, single_process_losses):
+    nproc, overrides = LAYOUTS[layout]
+    got = run_ok(nproc, dist_root, layout, *overrides)
+    assert_same_losses(got, single_process_losses["train"])
+    # validation at step 0 and at the end agrees too
+    assert_same_losses(losses(dist_root / layout, "val"), single_process_losses["val"])
