@@ -86,34 +86,43 @@ class Engine:
         n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         n_global = int(self._all_reduce(torch.tensor(float(n_local)), "dp_replicate", "dp_shard").item())
         if self.pipeline is not None:
-            loss = self._pipeline_step(micro_batches)
+            out = {"loss": self._pipeline_step(micro_batches)}
         else:
-            loss = self._accumulation_step(micro_batches, n_global)
+            out = self._accumulation_step(micro_batches, n_global)
         grad_norm = self._clip_gradients()
         lr = self.optimizers[0].param_groups[0]["lr"]
         for opt, sched in zip(self.optimizers, self.schedulers):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
+        return {**out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
 
-    def _accumulation_step(self, micro_batches: list[dict[str, torch.Tensor]], n_global: int) -> float:
+    def _accumulation_step(self, micro_batches: list[dict[str, torch.Tensor]], n_global: int) -> dict[str, float]:
         model = self.parts[0]
         # Each token weighs the same whichever rank and micro-batch it is in: sum the token losses and
         # divide by the global token count. FSDP averages gradients over the dp ranks, hence * dp_size.
         scale = self.dims.dp_size / n_global
         loss_sum = torch.zeros((), device=self.device)
+        aux_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             with self.autocast:
-                logits = model(
-                    batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device)
-                )
+                logits = model(**self._model_inputs(batch))
             with self._loss_context():
                 loss = lm_loss(logits, batch["labels"].to(self.device), reduction="sum")
-                (loss * scale).backward()
+                # MoE routers' auxiliary losses (zero for dense models): a mean over micro-batches,
+                # averaged over dp ranks by FSDP like the gradients themselves.
+                total = loss * scale + model.aux_loss() / len(micro_batches)
+                total.backward()
             loss_sum += _local(loss.detach()).float()
-        total = self._all_reduce(loss_sum, "dp_replicate", "dp_shard")
-        return total.item() / n_global
+            for name, value in model.aux_losses().items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / len(micro_batches)
+        out = {"loss": self._all_reduce(loss_sum, "dp_replicate", "dp_shard").item() / n_global}
+        for name, value in aux_sums.items():
+            out[name] = self._all_reduce(value, "dp_replicate", "dp_shard").item() / self.dims.dp_size
+        return out
+
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return model_inputs(batch, self.device)
 
     def _pipeline_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         pipe = self.pipeline
@@ -179,10 +188,7 @@ class Engine:
                     total += self._pipeline_eval(batch) * n
                 else:
                     with self.autocast:
-                        logits = self.parts[0](
-                            batch["input_ids"].to(self.device),
-                            position_ids=batch["position_ids"].to(self.device),
-                        )
+                        logits = self.parts[0](**self._model_inputs(batch))
                     with self._loss_context():
                         total += _local(lm_loss(logits, labels, reduction="sum")).item()
                 tokens += n
@@ -246,6 +252,11 @@ class Engine:
         model = Decoder(self.model_cfg)
         ckpt.load_model_weights(checkpoint, model)
         return model.to(self.device)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a batch (the one place that decides what the model sees)."""
+    return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device)}
 
 
 def _send_tensor(t: torch.Tensor, dst: int) -> None:

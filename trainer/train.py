@@ -230,6 +230,7 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
                     "tokens_seen": loader.samples_seen * cfg.data.seq_len,
                     "peak_memory_gib": peak_memory_gib(device),
                 }
+                record.update({k: v for k, v in out.items() if k.startswith("moe_")})
                 if peak is not None:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
                 log(step, record, "train")

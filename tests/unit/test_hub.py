@@ -231,12 +231,14 @@ def base_llama_config() -> dict:
 @pytest.mark.parametrize(
     "change, words",
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3.*low_freq_factor"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"head_dim": 32}, "head_dim"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"head_dim": 15}, "head_dim"),
         ({"num_attention_heads": 5}, "n_heads"),
     ],
 )
@@ -275,3 +277,66 @@ def test_from_hf_reads_a_folder_saved_by_transformers(tmp_path, tie: bool) -> No
     x = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
+
+
+# ---- families, MoE layouts, Hub push --------------------------------------------------------------------------
+
+
+def test_export_refuses_a_knob_the_family_cannot_express(tmp_path) -> None:
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, attn_softcap=20.0, qkv_bias=True)
+    with pytest.raises(ValueError, match=r"model\.qkv_bias=True.*model\.attn_softcap=20\.0"):
+        to_hf(Decoder.build(cfg, seed=0), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    # Qwen2 always has q/k/v biases: a config without them is not a Qwen2.
+    qwen2 = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, family="qwen2")
+    with pytest.raises(ValueError, match=r"Qwen2ForCausalLM class always has True"):
+        model_config_to_hf(qwen2, None, None, "float32")
+
+
+def test_sharded_moe_export_round_trips_through_per_expert_tensors(tmp_path, tokenizer) -> None:
+    from trainer.model.families import preset
+
+    cfg = preset("mixtral_tiny", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_dim=48,
+                 moe=dict(num_experts=4, top_k=2))  # fmt: skip
+    model = Decoder.build(cfg, seed=0).eval()
+    out = Path(to_hf(model, tmp_path / "export", tokenizer=tokenizer, max_shard_bytes=40_000))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    names = set(index["weight_map"])
+    # The Hub layout of Mixtral checkpoints: one 2-D tensor per expert (what transformers 4.x and 5.x read).
+    assert {f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)} <= names
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names
+    loaded = from_hf(out)
+    assert loaded.cfg == model.cfg
+    assert_same_state(loaded, model)
+    assert len(set(index["weight_map"].values())) > 2  # experts really were spread over shards
+
+
+def test_missing_expert_is_reported(tmp_path) -> None:
+    from trainer.model.families import preset
+
+    cfg = preset("qwen3_moe_tiny", vocab_size=VOCAB, d_model=64, n_layers=1, n_heads=4, ffn_dim=32,
+                 moe=dict(num_experts=4, top_k=2))  # fmt: skip
+    out = Path(to_hf(Decoder.build(cfg, seed=0), tmp_path / "export"))
+    weights = load_file(str(out / "model.safetensors"))
+    del weights["model.layers.0.mlp.experts.2.up_proj.weight"]
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.0\.feed_forward\.experts\.w3: experts \[2\]"):
+        from_hf(out)
+
+
+def test_push_to_hub_dry_run_lists_the_export_without_network(tmp_path, tokenizer) -> None:
+    from trainer.hub import push_to_hub
+
+    out = to_hf(make_model(), tmp_path / "export", tokenizer=tokenizer, max_shard_bytes=60_000)
+    files = push_to_hub(out, "someone/tiny-llama", dry_run=True)
+    shards = sorted(p.name for p in Path(out).glob("model-*.safetensors"))
+    assert files == sorted(
+        ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", *shards]
+    )
+    with pytest.raises(ValueError, match="repo_id"):
+        push_to_hub(out, "no-namespace", dry_run=True)
+    with pytest.raises(ValueError, match="config.json"):
+        push_to_hub(tmp_path, "someone/x", dry_run=True)
+    Path(out, shards[0]).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        push_to_hub(out, "someone/tiny-llama", dry_run=True)

@@ -179,3 +179,81 @@ def test_param_count_and_flops_per_token() -> None:
     assert tied.num_params() == body + V * d
     # Tying saves memory, not compute: the output matmul is still done.
     assert tied.flops_per_token(T) == expected
+
+
+# ---- the family knobs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(family="gpt2"), r"model\.family='gpt2'"),
+        (dict(qk_norm="layer"), r"model\.qk_norm='layer'"),
+        (dict(activation="relu"), r"model\.activation='relu'"),
+        (dict(moe=dict(num_experts=4, top_k=5)), r"model\.moe\.top_k=5"),
+        (dict(rope_scaling=dict(kind="yarn")), r"model\.rope_scaling\.kind='yarn'"),
+        (dict(rotary_fraction=0.3), r"model\.rotary_fraction=0\.3"),
+        (dict(pre_norm=False, post_norm=False), r"model\.pre_norm=false and model\.post_norm=false"),
+        (dict(sliding_window=0), r"model\.sliding_window=0"),
+        (dict(head_dim=7), r"model\.head_dim=7 is odd"),
+        (dict(init_scheme="xavier"), r"model\.init_scheme='xavier'"),
+    ],
+)
+def test_family_knob_errors_name_the_field_and_value(overrides: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        tiny_cfg(**overrides)
+
+
+def test_config_rebuilds_from_its_recorded_dict() -> None:
+    """Checkpoints record dataclasses.asdict(cfg); nested configs come back as dicts and are rebuilt."""
+    import dataclasses
+
+    cfg = tiny_cfg(
+        moe=dict(num_experts=4, top_k=1), rope_scaling=dict(kind="linear", factor=2.0), head_dim=32
+    )
+    again = ModelConfig(**dataclasses.asdict(cfg))
+    assert again == cfg and again.moe.top_k == 1 and again.rope_scaling.factor == 2.0
+
+
+def test_decoupled_head_dim_and_window_in_param_count_and_flops() -> None:
+    cfg = tiny_cfg(head_dim=32, ffn_dim=160, sliding_window=16, full_attention_every=2, qkv_bias=True)
+    d, L, V, q, kv = cfg.d_model, cfg.n_layers, VOCAB, cfg.n_heads * 32, cfg.n_kv_heads * 32
+    attn = d * q + 2 * d * kv + q * d + q + 2 * kv  # + q/k/v biases
+    body = L * (attn + 3 * d * cfg.ffn_dim + 2 * d) + d
+    model = Decoder(cfg)
+    assert model.num_params() == body + 2 * V * d
+    T = 128  # layer 0 slides (span 16), layer 1 is global (span 128)
+    assert model.flops_per_token(T) == 6 * (body + V * d) + 12 * cfg.n_heads * 32 * (16 + 128)
+
+
+@pytest.mark.parametrize("scheme", ["depth_scaled", "normal", "truncated_normal"])
+def test_initialisation_schemes(scheme: str) -> None:
+    cfg = tiny_cfg(
+        d_model=128, ffn_dim=512, init_scheme=scheme, qkv_bias=True, norm_unit_offset=True, qk_norm="head"
+    )
+    model = Decoder.build(cfg, seed=0)
+    attn = model.layers[0].attention
+    wq, wo = attn.wq.weight, attn.wo.weight
+    assert abs(wq.std().item() - 0.1) < 0.012
+    expected_wo = 0.05 if scheme == "depth_scaled" else 0.1  # 0.1 / sqrt(2 * n_layers)
+    assert abs(wo.std().item() - expected_wo) < 0.012
+    if scheme == "truncated_normal":
+        assert wq.abs().max().item() <= 0.3 + 1e-6
+    else:
+        assert wq.abs().max().item() > 0.3  # 16k samples of a normal reach beyond 3 sigma
+    assert torch.equal(attn.wq.bias, torch.zeros_like(attn.wq.bias))
+    # (1 + w) norms start at w = 0: the same function as a gain of 1.
+    assert torch.equal(model.norm.weight, torch.zeros(128)) and torch.equal(
+        attn.q_norm.weight, torch.zeros(32)
+    )
+
+
+def test_meta_build_initialises_experts_and_every_parameter() -> None:
+    cfg = tiny_cfg(moe=dict(num_experts=4, top_k=2), qk_norm="full", post_norm=True)
+    a, b = Decoder.build(cfg, seed=3), Decoder.build(cfg, seed=3)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.isfinite(p).all() and not p.is_meta, name
+    experts = a.layers[0].feed_forward.experts
+    assert experts.w1.shape == (4, cfg.ffn_dim, 64) and abs(experts.w1.std().item() - 0.1) < 0.01
+    assert abs(experts.w2.std().item() - 0.05) < 0.005  # a residual output projection: depth-scaled

@@ -1,9 +1,7 @@
-"""Translation between our model and Hugging Face checkpoints: config fields and tensor names.
+"""Translation between our model and Hugging Face checkpoints: config.json and tensor names.
 
-This is the one place that knows each architecture family's HF conventions. A family is an entry in
-FAMILIES: its HF class and model_type, how to write and read its config.json, and how its tensor names
-map to ours. Only Llama is supported today; Qwen, Mistral, Gemma etc. become new entries (with their
-own config readers that refuse what our decoder cannot represent, e.g. Qwen2's q/k/v biases).
+The per-family conventions live in trainer/hub/families.py; this module applies them, and handles what all
+families share: the size fields, RoPE (base, scaling, partial rotation), the activation, special tokens.
 
 No file I/O here: see export.py (writing) and load.py (reading).
 """
@@ -11,41 +9,116 @@ No file I/O here: see export.py (writing) and load.py (reading).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from trainer.model.config import ModelConfig
+from trainer.hub.families import GLOBAL_NAMES, HF_FAMILIES, HFFamily, check_expressible, hf_family
+from trainer.model.config import ModelConfig, RopeScalingConfig
 from trainer.model.decoder import Decoder
+from trainer.model.families import FAMILY_KNOBS
+
+_HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
+_OUR_ACTIVATION = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+IGNORED_HF_NAMES = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+"""HF tensors that carry no weights: transformers < 4.31 saved the (derived) RoPE frequencies."""
+
+# transformers 5.x holds MoE experts fused in memory (what `model.state_dict()` returns); on disk it writes
+# the per-expert layout of the Hub checkpoints. Both are read. HF name in a layer -> our names, split on dim 1.
+_TRANSFORMERS5_MOE = {
+    "mlp.experts.gate_up_proj": ("feed_forward.experts.w1", "feed_forward.experts.w3"),
+    "mlp.experts.down_proj": ("feed_forward.experts.w2",),
+    "mlp.gate.weight": ("feed_forward.router.weight",),
+}
 
 
-@dataclass(frozen=True)
-class Family:
-    """Everything that differs between HF architectures that our decoder can represent."""
-
-    architecture: str
-    """HF class written into config.json's "architectures" (what AutoModelForCausalLM instantiates)."""
-    model_type: str
-    """HF config "model_type"."""
-    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
-    """The architecture fields of config.json (the fields common to all families are added by the caller)."""
-    config_from_hf: Callable[[Mapping[str, Any]], ModelConfig]
-    """Read config.json; raise ValueError for anything our decoder cannot reproduce exactly."""
-    global_names: Mapping[str, str]
-    """Our parameter name -> HF name, outside the layer stack."""
-    layer_names: Mapping[str, str]
-    """Our name inside `layers.{i}.` -> HF name inside `model.layers.{i}.`."""
-    ignored_hf_names: tuple[str, ...] = ()
-    """Regexes of HF tensors that carry no weights of ours and are dropped on import."""
+# ---- config ---------------------------------------------------------------------------------------------------------
 
 
-# ---- Llama ----------------------------------------------------------------------------------------------------
+def rope_to_hf(theta: float, scaling: RopeScalingConfig, rotary_fraction: float = 1.0) -> dict[str, Any]:
+    """A transformers 5.x `rope_parameters` dict."""
+    params: dict[str, Any] = {
+        "rope_type": "default" if scaling.kind == "none" else scaling.kind,
+        "rope_theta": theta,
+    }
+    if scaling.kind != "none":
+        params["factor"] = float(scaling.factor)
+    if scaling.kind == "llama3":
+        params["low_freq_factor"] = float(scaling.low_freq_factor)
+        params["high_freq_factor"] = float(scaling.high_freq_factor)
+        params["original_max_position_embeddings"] = scaling.original_max_seq_len
+    if rotary_fraction != 1.0:
+        params["partial_rotary_factor"] = rotary_fraction
+    return params
 
 
-def _llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScalingConfig, float]:
+    """(base, scaling, rotary fraction) of the (full-attention) layers, from a 4.x or 5.x config.json.
+
+    4.x: rope_theta + rope_scaling (null, or {"rope_type"/"type", "factor", ...}); 5.x: rope_parameters
+    {"rope_type", "rope_theta", ...}, nested by layer type for Gemma 3. Like 5.x, a non-null rope_scaling wins.
+    """
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{d.get('model_type')} config: rope parameters {params!r} are not a dict.")
+    if "full_attention" in params:  # nested by layer type (Gemma 3, transformers 5.x)
+        params = params["full_attention"] or {}
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    fraction = float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        scaling = RopeScalingConfig()
+    elif rope_type == "linear" and "factor" in params:
+        scaling = RopeScalingConfig(kind="linear", factor=float(params["factor"]))
+    elif rope_type == "llama3":
+        absent = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+        if absent:
+            raise ValueError(
+                f"{d.get('model_type')} config: llama3 RoPE scaling without {absent}: {dict(params)}."
+            )
+        scaling = RopeScalingConfig(
+            kind="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_seq_len=int(
+                params.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+            ),
+        )
+    else:
+        raise ValueError(
+            f"{d.get('model_type')} config: RoPE with rope_type={rope_type!r} is not supported (supported: "
+            f"default, linear, llama3); got {dict(params)}."
+        )
+    return theta, scaling, fraction
+
+
+def model_config_to_hf(
+    cfg: ModelConfig, bos_id: int | None, eos_id: int | None, torch_dtype: str
+) -> dict[str, Any]:
+    """config.json contents for `cfg`, loadable by transformers 5.x. torch_dtype: e.g. "bfloat16".
+
+    Raises ValueError when `cfg` uses a knob its family's transformers class does not have.
+    """
+    if cfg.vocab_size is None:
+        raise ValueError("cannot export a config with vocab_size=None: fill it from the tokenizer first.")
+    fam = hf_family(cfg.family)
+    check_expressible(cfg, fam)
+    rope = rope_to_hf(cfg.rope_theta, cfg.rope_scaling, cfg.rotary_fraction)
+    legacy_scaling = (
+        {k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling.kind != "none" else None
+    )
+    if cfg.family == "gemma3":  # separate RoPE for the local layers, nested by layer type
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        rope = {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+        }
     return {
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim,
@@ -55,141 +128,20 @@ def _llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        # The RoPE base is written twice, on purpose. transformers 4.x reads the top-level `rope_theta`
-        # (and `rope_scaling`, which must stay null). transformers 5.x moved it into `rope_parameters` and
-        # gives that dict priority, falling back to the top-level key only when the dict lacks it.
+        fam.activation_key: _HF_ACTIVATION[cfg.activation],
+        # The RoPE base is written twice, on purpose: transformers 4.x reads the top-level `rope_theta` (and
+        # `rope_scaling`); 5.x moved both into `rope_parameters`, falling back to the top-level keys.
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "hidden_act": "silu",
-        "attention_bias": False,
+        "rope_scaling": legacy_scaling,
+        "rope_parameters": rope,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": cfg.init_std,
-        "pretraining_tp": 1,
         "use_cache": True,
-    }
-
-
-def _llama_rope_theta(d: Mapping[str, Any]) -> float:
-    """The RoPE base of a Llama config written by transformers 4.x or 5.x; refuse any RoPE scaling."""
-    # 4.x: rope_theta + rope_scaling (null, or a dict for llama3/yarn/linear/dynamic scaling).
-    # 5.x: rope_parameters {"rope_type", "rope_theta", ...}; 5.x also reads rope_scaling as its old name.
-    theta = d.get("rope_theta", 10000.0)
-    for key in ("rope_scaling", "rope_parameters"):  # later wins, as in 5.x
-        params = d.get(key)
-        if params is None:
-            continue
-        if not isinstance(params, Mapping):
-            raise ValueError(f"llama config: {key}={params!r} is not a dict.")
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(
-                f"llama config: {key} with rope_type={rope_type!r} is not supported (only plain RoPE, "
-                f"rope_type 'default'); got {dict(params)}."
-            )
-        partial = params.get("partial_rotary_factor", 1.0)
-        if partial != 1.0:
-            raise ValueError(f"llama config: partial_rotary_factor={partial} is not supported (only 1.0).")
-        theta = params.get("rope_theta", theta)
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(
-            f"llama config: partial_rotary_factor={d['partial_rotary_factor']} is not supported."
-        )
-    return float(theta)
-
-
-def _llama_config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if d.get(k) is None]
-    if missing:
-        raise ValueError(f"llama config: missing required fields {missing}.")
-    # Defaults are LlamaConfig's, for keys that old or hand-written configs may omit.
-    unsupported = {
-        "hidden_act": (d.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (bool(d.get("attention_bias", False)), False),
-        "mlp_bias": (bool(d.get("mlp_bias", False)), False),
-    }
-    for key, (value, ours) in unsupported.items():
-        if value != ours:
-            raise ValueError(
-                f"llama config: {key}={value!r} is not supported by our decoder (only {ours!r})."
-            )
-    hidden, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
-    head_dim = d.get("head_dim")
-    if head_dim is not None and int(head_dim) * n_heads != hidden:
-        raise ValueError(
-            f"llama config: head_dim={head_dim} differs from hidden_size/num_attention_heads="
-            f"{hidden}/{n_heads}; a decoupled head_dim is not supported."
-        )
-    return ModelConfig(
-        family="llama",
-        vocab_size=int(d["vocab_size"]),
-        d_model=hidden,
-        n_layers=int(d["num_hidden_layers"]),
-        n_heads=n_heads,
-        n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-        ffn_dim=int(d["intermediate_size"]),
-        max_seq_len=int(d.get("max_position_embeddings", 2048)),
-        rope_theta=_llama_rope_theta(d),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        init_std=float(d.get("initializer_range", 0.02)),
-    )
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(
-        architecture="LlamaForCausalLM",
-        model_type="llama",
-        config_to_hf=_llama_config_to_hf,
-        config_from_hf=_llama_config_from_hf,
-        global_names={
-            "tok_embeddings.weight": "model.embed_tokens.weight",
-            "norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight",
-        },
-        layer_names={
-            "attention_norm.weight": "input_layernorm.weight",
-            "attention.wq.weight": "self_attn.q_proj.weight",
-            "attention.wk.weight": "self_attn.k_proj.weight",
-            "attention.wv.weight": "self_attn.v_proj.weight",
-            "attention.wo.weight": "self_attn.o_proj.weight",
-            "ffn_norm.weight": "post_attention_layernorm.weight",
-            "feed_forward.w1.weight": "mlp.gate_proj.weight",
-            "feed_forward.w3.weight": "mlp.up_proj.weight",
-            "feed_forward.w2.weight": "mlp.down_proj.weight",
-        },
-        # Checkpoints from transformers < 4.31 saved the (derived) RoPE frequencies.
-        ignored_hf_names=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
-    ),
-}
-"""Our family name (ModelConfig.family) -> its HF conventions."""
-
-
-def _family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ValueError(f"model family {name!r} has no Hugging Face mapping; supported: {sorted(FAMILIES)}.")
-    return FAMILIES[name]
-
-
-# ---- config -----------------------------------------------------------------------------------------------------
-
-
-def model_config_to_hf(
-    cfg: ModelConfig, bos_id: int | None, eos_id: int | None, torch_dtype: str
-) -> dict[str, Any]:
-    """config.json contents for `cfg`, loadable by transformers 4.4x and 5.x. torch_dtype: e.g. "bfloat16"."""
-    if cfg.vocab_size is None:
-        raise ValueError("cannot export a config with vocab_size=None: fill it from the tokenizer first.")
-    family = _family(cfg.family)
-    return {
-        "architectures": [family.architecture],
-        "model_type": family.model_type,
-        **family.config_to_hf(cfg),
+        **fam.write_config(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
+        "pad_token_id": None,  # several families default to an id beyond a small vocabulary
         "torch_dtype": torch_dtype,  # transformers 4.x name
         "dtype": torch_dtype,  # transformers 5.x name
     }
@@ -198,39 +150,83 @@ def model_config_to_hf(
 def hf_config_to_model_config(d: Mapping[str, Any]) -> ModelConfig:
     """Our ModelConfig from a config.json dict; ValueError for unsupported families or features."""
     model_type = d.get("model_type")
-    supported = {f.model_type: f for f in FAMILIES.values()}
-    if model_type not in supported:
-        raise ValueError(
-            f"Hugging Face model_type {model_type!r} is not supported; supported model types: {sorted(supported)}."
+    by_type = {f.model_type: (name, f) for name, f in HF_FAMILIES.items()}
+    if model_type not in by_type:
+        hint = (
+            " (for Gemma 3, export its text model: model_type gemma3_text)" if model_type == "gemma3" else ""
         )
-    return supported[model_type].config_from_hf(d)
+        raise ValueError(
+            f"Hugging Face model_type {model_type!r} is not supported{hint}; supported model types: {sorted(by_type)}."
+        )
+    name, fam = by_type[model_type]
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if d.get(k) is None]
+    if missing:
+        raise ValueError(f"{model_type} config: missing required fields {missing}.")
+    act = d.get(fam.activation_key, d.get("hidden_act", d.get("hidden_activation", "silu")))
+    if fam.model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # Gemma 1's released configs say "gelu" and mean the tanh approximation
+    if act not in _OUR_ACTIVATION:
+        raise ValueError(
+            f"{model_type} config: {fam.activation_key}={act!r} is not supported by our decoder "
+            f"(supported: {sorted(_OUR_ACTIVATION)})."
+        )
+    theta, scaling, fraction = rope_from_hf(d)
+    if fraction != 1.0 and "rotary_fraction" not in fam.configurable:
+        raise ValueError(
+            f"{model_type} config: partial_rotary_factor={fraction} is not supported (only 1.0)."
+        )
+    hidden, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+    common: dict[str, Any] = dict(
+        family=name,
+        vocab_size=int(d["vocab_size"]),
+        d_model=hidden,
+        n_layers=int(d["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+        head_dim=int(d.get("head_dim") or hidden // n_heads),
+        ffn_dim=int(d["intermediate_size"]),
+        activation=_OUR_ACTIVATION[act],
+        max_seq_len=int(d.get("max_position_embeddings", 2048)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rotary_fraction=fraction,
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        init_std=float(d.get("initializer_range", 0.02)),
+    )
+    kwargs = {**common, **_nest(fam.fixed), **_preset_init(name)}
+    for key, value in fam.read_config(d, common).items():
+        if isinstance(value, Mapping) and isinstance(kwargs.get(key), Mapping):
+            value = {**kwargs[key], **value}  # e.g. a fixed moe.renormalize and the moe fields read
+        kwargs[key] = value
+    return ModelConfig(**kwargs)
+
+
+def _preset_init(family: str) -> dict[str, Any]:
+    """config.json does not record how a model was initialised: use the family preset's scheme (OLMo 2)."""
+    for knobs in FAMILY_KNOBS.values():
+        if knobs["family"] == family and "init_scheme" in knobs:
+            return {"init_scheme": knobs["init_scheme"]}
+    return {}
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"moe.renormalize": True, "qk_norm": "head"} -> {"moe": {"renormalize": True}, "qk_norm": "head"}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            out.setdefault(outer, {})[inner] = value
+        else:
+            out[key] = value
+    return out
 
 
 # ---- tensor names -----------------------------------------------------------------------------------------------
 
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
-def _hf_name(name: str, family: Family) -> str | None:
-    if name in family.global_names:
-        return family.global_names[name]
-    m = _OUR_LAYER.fullmatch(name)
-    if m and m.group(2) in family.layer_names:
-        return f"model.layers.{m.group(1)}.{family.layer_names[m.group(2)]}"
-    return None
-
-
-def _our_name(hf_name: str, family: Family) -> str | None:
-    for ours, theirs in family.global_names.items():
-        if hf_name == theirs:
-            return ours
-    m = _HF_LAYER.fullmatch(hf_name)
-    if m:
-        for ours, theirs in family.layer_names.items():
-            if m.group(2) == theirs:
-                return f"layers.{m.group(1)}.{ours}"
-    return None
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -240,25 +236,44 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 def to_hf_state_dict(
     model_sd: Mapping[str, torch.Tensor], tie_embeddings: bool | None = None, family: str = "llama"
 ) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF tensor names (the tensors themselves are not copied).
+    """Our state dict -> HF tensor names, in the layout of the family's Hub checkpoints (tensors not copied,
+    except where HF fuses two of ours into one).
 
     With tied embeddings the output matrix is dropped: HF stores it once, as the embedding, and
     safetensors refuses tensors that share memory anyway. tie_embeddings=None: detect the tie by memory.
     """
-    fam = _family(family)
+    fam = hf_family(family)
     if tie_embeddings is None:
         out, emb = model_sd.get("output.weight"), model_sd.get("tok_embeddings.weight")
         tie_embeddings = out is None or (emb is not None and _shares_memory(out, emb))
+    fused_part = {ours: (theirs, i) for theirs, parts in fam.fused.items() for i, ours in enumerate(parts)}
     hf_sd: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[torch.Tensor | None]] = {}
     unknown = []
     for name, tensor in model_sd.items():
         if tie_embeddings and name == "output.weight":
             continue
-        hf_name = _hf_name(name, fam)
-        if hf_name is None:
-            unknown.append(name)
+        if name in GLOBAL_NAMES:
+            hf_sd[GLOBAL_NAMES[name]] = tensor
+            continue
+        m = _OUR_LAYER.fullmatch(name)
+        layer, suffix = (m.group(1), m.group(2)) if m else (None, name)
+        prefix = f"model.layers.{layer}."
+        if layer is not None and suffix in fam.layer_names:
+            hf_sd[prefix + fam.layer_names[suffix]] = tensor
+        elif layer is not None and suffix in fam.experts:
+            for e in range(tensor.shape[0]):
+                hf_sd[prefix + fam.experts[suffix].format(e=e)] = tensor[e]
+        elif layer is not None and suffix in fused_part:
+            theirs, i = fused_part[suffix]
+            fused.setdefault(prefix + theirs, [None] * len(fam.fused[theirs]))[i] = tensor
         else:
-            hf_sd[hf_name] = tensor
+            unknown.append(name)
+    for hf_name, parts in fused.items():
+        if any(p is None for p in parts):
+            unknown.append(f"(incomplete parts of {hf_name})")
+        else:
+            hf_sd[hf_name] = torch.cat(parts, dim=0)
     if unknown:
         raise ValueError(f"no Hugging Face ({fam.architecture}) name for: {unknown}")
     return hf_sd
@@ -270,29 +285,65 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> d
     Raises ValueError listing missing and unexpected tensors, or tensors of the wrong shape.
     With tied embeddings `output.weight` is the embedding tensor (an lm_head in the file is ignored).
     """
-    fam = _family(cfg.family)
+    fam = hf_family(cfg.family)
+    global_ours = {theirs: ours for ours, theirs in GLOBAL_NAMES.items()}
+    layer_ours = {theirs: ours for ours, theirs in fam.layer_names.items()}
+    expert_patterns = {
+        re.compile(re.escape(theirs).replace(r"\{e\}", r"(\d+)")): ours
+        for ours, theirs in fam.experts.items()
+    }
     sd: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
     unexpected = []
     for hf_name, tensor in hf_sd.items():
-        if any(re.fullmatch(p, hf_name) for p in fam.ignored_hf_names):
+        if any(re.fullmatch(p, hf_name) for p in IGNORED_HF_NAMES):
             continue
-        name = _our_name(hf_name, fam)
-        if name is None:
+        if hf_name in global_ours:
+            name = global_ours[hf_name]
+            if not (cfg.tie_embeddings and name == "output.weight"):
+                sd[name] = tensor
+            continue
+        m = _HF_LAYER.fullmatch(hf_name)
+        if m is None:
             unexpected.append(hf_name)
-        elif not (cfg.tie_embeddings and name == "output.weight"):
-            sd[name] = tensor
+            continue
+        ours, theirs = f"layers.{m.group(1)}.", m.group(2)
+        if theirs in layer_ours:
+            sd[ours + layer_ours[theirs]] = tensor
+        elif theirs in fam.fused:
+            for name, part in zip(fam.fused[theirs], tensor.chunk(len(fam.fused[theirs]), dim=0)):
+                sd[ours + name] = part
+        elif cfg.is_moe and theirs in _TRANSFORMERS5_MOE:
+            names = _TRANSFORMERS5_MOE[theirs]
+            for name, part in zip(names, tensor.chunk(len(names), dim=1 if tensor.dim() == 3 else 0)):
+                sd[ours + name] = part
+        elif any(p.fullmatch(theirs) for p in expert_patterns):
+            pattern = next(p for p in expert_patterns if p.fullmatch(theirs))
+            e = int(pattern.fullmatch(theirs).group(1))
+            experts.setdefault(ours + expert_patterns[pattern], {})[e] = tensor
+        else:
+            unexpected.append(hf_name)
     if cfg.tie_embeddings and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
+
+    missing_experts = []
+    for name, by_index in experts.items():
+        absent = [e for e in range(cfg.moe.num_experts) if e not in by_index]
+        if absent:
+            missing_experts.append(f"{name}: experts {absent}")
+        else:
+            sd[name] = torch.stack([by_index[e] for e in range(cfg.moe.num_experts)])
 
     # The expected names and shapes, from a model on the meta device (costs no memory).
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
-    missing = [_hf_name(k, fam) or k for k in expected if k not in sd]
+    missing = [_hf_display_name(k, fam) for k in expected if k not in sd] + missing_experts
     wrong_shape = [
-        f"{_hf_name(k, fam)}: {tuple(v.shape)} in checkpoint, {tuple(expected[k])} expected"
+        f"{_hf_display_name(k, fam)}: {tuple(v.shape)} in checkpoint, {tuple(expected[k])} expected"
         for k, v in sd.items()
         if k in expected and v.shape != expected[k]
     ]
+    unexpected += [k for k in sd if k not in expected]
     if missing or unexpected or wrong_shape:
         problems = []
         if missing:
@@ -303,6 +354,21 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> d
             problems.append(f"wrong shapes ({len(wrong_shape)}): {_preview(wrong_shape)}")
         raise ValueError(f"checkpoint does not match the {fam.architecture} config: " + "; ".join(problems))
     return sd
+
+
+def _hf_display_name(name: str, fam: HFFamily) -> str:
+    """The HF name of one of our tensors, for error messages."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = _OUR_LAYER.fullmatch(name)
+    if m and m.group(2) in fam.layer_names:
+        return f"model.layers.{m.group(1)}.{fam.layer_names[m.group(2)]}"
+    if m and m.group(2) in fam.experts:
+        return f"model.layers.{m.group(1)}.{fam.experts[m.group(2)]}"
+    for theirs, parts in fam.fused.items():
+        if m and m.group(2) in parts:
+            return f"model.layers.{m.group(1)}.{theirs}"
+    return name
 
 
 def _preview(items: list[str], n: int = 10) -> str:

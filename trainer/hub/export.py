@@ -1,4 +1,6 @@
-"""Write a model as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained(dir)` loads.
+"""Write a model as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained(dir)` loads, for any
+supported family (trainer/hub/families.py): the right class in config.json's `architectures`, its config
+fields, a generation config and the tokenizer's files.
 
 Layout: config.json, generation_config.json, model.safetensors (or model-0000k-of-0000n.safetensors shards
 plus model.safetensors.index.json), and the tokenizer's own files.

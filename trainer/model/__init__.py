@@ -1,6 +1,6 @@
-"""The decoder model: its configuration and the module itself."""
+"""The decoder model: its configuration, the module itself, and the family presets."""
 
-from trainer.model.config import ConfigError, ModelConfig
+from trainer.model.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
 from trainer.model.decoder import Decoder
 
-__all__ = ["ConfigError", "Decoder", "ModelConfig"]
+__all__ = ["ConfigError", "Decoder", "ModelConfig", "MoEConfig", "RopeScalingConfig"]

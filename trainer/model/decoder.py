@@ -1,4 +1,4 @@
-"""The decoder-only transformer: token embedding, a stack of pre-norm blocks, final norm, output projection.
+"""The decoder-only transformer: token embedding, a stack of blocks, final norm, output projection.
 
 Module names are stable and plain (nn.Linear / nn.Embedding, no fused projections): parallelism plans
 (FSDP2, tensor parallel) are applied from outside by name, and the HF converter maps names one to one.
@@ -7,33 +7,52 @@ Module names are stable and plain (nn.Linear / nn.Embedding, no fused projection
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from trainer.model.attention import Attention
 from trainer.model.config import ConfigError, ModelConfig
-from trainer.model.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_frequencies
+from trainer.model.layers import GatedMLP, RMSNorm
+from trainer.model.masks import Mask, flex_block_mask, positions_in_documents, sdpa_mask
+from trainer.model.moe import GroupedExperts, MoE, moe_aux_losses
+from trainer.model.rope import rope_cos_sin, rope_frequencies
+
+# Per forward pass, what each kind of layer ("full" or "sliding" attention) needs: RoPE cos, sin and its mask.
+AttentionInputs = dict[str, tuple[torch.Tensor, torch.Tensor, Optional[Mask]]]
 
 
 class Block(nn.Module):
-    """One transformer layer: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """One transformer layer: x + post_norm(attention(pre_norm(x))), then the same with the MLP.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Llama uses only the pre-norms, OLMo 2 only the post-norms, Gemma 2/3 and GLM-4 both ("sandwich");
+    an absent norm is an identity.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
-        x = x + self.feed_forward(self.ffn_norm(x))
+        def norm(present: bool) -> nn.Module:
+            return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset) if present else nn.Identity()
+
+        self.kind = "sliding" if cfg.is_sliding(layer_id) else "full"
+        self.attention_norm = norm(cfg.pre_norm)
+        self.attention = Attention(cfg)
+        self.post_attention_norm = norm(cfg.post_norm)
+        self.ffn_norm = norm(cfg.pre_norm)
+        self.feed_forward = MoE(cfg) if cfg.is_moe else GatedMLP(cfg.d_model, cfg.ffn_dim, cfg.activation)
+        self.post_ffn_norm = norm(cfg.post_norm)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        cos, sin, mask = inputs[self.kind]
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask=mask))
+        x = x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
         return x
 
 
 class Decoder(nn.Module):
-    """A Llama-style causal language model. `forward(input_ids) -> logits`."""
+    """A causal language model. `forward(input_ids, position_ids=None, document_ids=None) -> logits`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -44,42 +63,118 @@ class Decoder(nn.Module):
             )
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Non-persistent: derived from the config, so it is neither saved nor expected when loading.
-        self.register_buffer("inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta), persistent=False)
+        # RoPE frequencies, non-persistent: derived from the config, so neither saved nor expected on load.
+        # Sliding-window layers get their own when they use another base (Gemma 3).
+        self.register_buffer("inv_freq", self._frequencies("full"), persistent=False)
+        if self._local_rope:
+            self.register_buffer("inv_freq_local", self._frequencies("sliding"), persistent=False)
         self.init_buffers()
 
     # ---- forward --------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """input_ids [B, T] (long) -> logits [B, T, vocab_size].
 
-        position_ids [B, T] only change RoPE (e.g. positions restarting per packed document); the attention
-        mask stays plain causal over the T tokens. Default: 0 .. T-1 for every row.
+        position_ids [B, T]: RoPE positions. Default 0 .. T-1, or each token's index within its document
+        when document_ids are given.
+        document_ids [B, T] (int): for packed rows, the document each token belongs to (contiguous runs);
+        attention then stays within a document, so each document gets the logits it would get alone.
+        After a forward, MoE models expose their auxiliary losses through `aux_losses()` / `aux_loss()`.
         """
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        h = self.tok_embeddings(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype=h.dtype)  # shared by all layers
+            if document_ids is not None:
+                position_ids = positions_in_documents(document_ids)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self.embed(input_ids)
+        inputs = self.attention_inputs(position_ids, document_ids, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+            h = layer(h, inputs)
+        return self.head(h)
 
-    def forward_stage(self, x: torch.Tensor, layers: list[nn.Module], embed: bool, head: bool) -> torch.Tensor:
+    def forward_stage(
+        self, x: torch.Tensor, layers: list[nn.Module], embed: bool, head: bool
+    ) -> torch.Tensor:
         """Run part of the model, for pipeline parallelism: [embedding] -> `layers` -> [final norm + output].
 
         x is token ids when `embed`, else hidden states from the previous stage. Positions are 0..T-1.
         """
-        h = self.tok_embeddings(x) if embed else x
+        h = self.embed(x) if embed else x
         B, T = h.shape[:2]
         position_ids = torch.arange(T, device=h.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype=h.dtype)
+        inputs = self.attention_inputs(position_ids, None, h.dtype)
         for layer in layers:
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h)) if head else h
+            h = layer(h, inputs)
+        return self.head(h) if head else h
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(input_ids)
+        if self.cfg.scale_embeddings:
+            # The factor is rounded to the activation dtype first (sqrt(3072) becomes 55.5 in bf16), as in Gemma.
+            h = h * torch.tensor(self.cfg.d_model**0.5, dtype=h.dtype)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.output(self.norm(h))
+        cap = self.cfg.final_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def attention_inputs(
+        self, position_ids: torch.Tensor, document_ids: Optional[torch.Tensor], dtype: torch.dtype
+    ) -> AttentionInputs:
+        """RoPE tables and masks, computed once per forward for each kind of layer the model has."""
+        cfg = self.cfg
+        B, T = position_ids.shape
+        device = position_ids.device
+        use_flex = cfg.attention_backend == "flex" or (
+            cfg.attention_backend == "auto"
+            and device.type == "cuda"
+            and (document_ids is not None or cfg.sliding_window is not None or cfg.attn_softcap is not None)
+        )
+        inputs: AttentionInputs = {}
+        for kind in ("full", "sliding"):
+            if not any(layer_kind == kind for layer_kind in self._layer_kinds):
+                continue
+            inv_freq = self.inv_freq_local if kind == "sliding" and self._local_rope else self.inv_freq
+            cos, sin = rope_cos_sin(inv_freq, position_ids, dtype, cfg.rope_interleaved)
+            window = cfg.sliding_window if kind == "sliding" else None
+            if use_flex:
+                mask: Optional[Mask] = flex_block_mask(B, T, device, document_ids, window)
+            else:
+                mask = sdpa_mask(T, device, document_ids, window)
+            inputs[kind] = (cos, sin, mask)
+        return inputs
+
+    # ---- auxiliary losses (mixture of experts) ---------------------------------------------------------------
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """The unweighted auxiliary losses of the last forward: {'moe_load_balance', 'moe_router_z'} for MoE
+        models (scalars, differentiable), {} for dense ones. Log them as training metrics."""
+        return moe_aux_losses(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """What to add to the language-modelling loss after a forward: load_balance_coef * load-balancing
+        loss + router_z_coef * z-loss (a zero scalar for dense models)."""
+        losses = self.aux_losses()
+        total = torch.zeros((), device=self.tok_embeddings.weight.device)
+        if losses:
+            moe = self.cfg.moe
+            total = (
+                moe.load_balance_coef * losses["moe_load_balance"]
+                + moe.router_z_coef * losses["moe_router_z"]
+            )
+        return total
 
     # ---- construction and initialisation --------------------------------------------------------------------
 
@@ -95,6 +190,21 @@ class Decoder(nn.Module):
         model.init_weights(seed)
         return model
 
+    @property
+    def _layer_kinds(self) -> list[str]:
+        return ["sliding" if self.cfg.is_sliding(i) else "full" for i in range(self.cfg.n_layers)]
+
+    @property
+    def _local_rope(self) -> bool:
+        """Whether sliding-window layers use RoPE frequencies of their own."""
+        return self.cfg.rope_local_theta is not None and "sliding" in self._layer_kinds
+
+    def _frequencies(self, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        if kind == "sliding" and self._local_rope:  # local layers: own base, never context-scaled
+            return rope_frequencies(cfg.rotary_dim, cfg.rope_local_theta, None, device)
+        return rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, device)
+
     def init_buffers(self) -> None:
         """Recreate what the state dict does not hold: the RoPE frequencies and the embedding/output tie.
 
@@ -104,39 +214,54 @@ class Decoder(nn.Module):
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         device = self.tok_embeddings.weight.device
-        # Assigned rather than copied so it is float32 even if the model was cast to bf16 before to_empty.
-        self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device=device)
+        # Assigned rather than copied so they are float32 even if the model was cast to bf16 before to_empty.
+        self.inv_freq = self._frequencies("full", device)
+        if self._local_rope:
+            self.inv_freq_local = self._frequencies("sliding", device)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Initialise every parameter (and buffer) in place; with a seed the result is reproducible.
 
-        Embeddings and linears ~ N(0, init_std). The two projections that write into the residual stream
-        (attention wo, MLP w2) get init_std / sqrt(2 * n_layers), so the residual's variance does not grow
-        with depth (GPT-2). Norm gains start at 1.
+        Schemes (cfg.init_scheme; docs/architectures.md says which family uses which):
+          depth_scaled      weights ~ N(0, init_std); the projections that write into the residual stream
+                            (attention wo, MLP / expert w2) ~ N(0, init_std / sqrt(2 * n_layers)), so the
+                            residual's variance does not grow with depth (GPT-2). The default.
+          normal            every weight ~ N(0, init_std): what transformers' _init_weights does.
+          truncated_normal  every weight ~ N(0, init_std) truncated at +-3 init_std (OLMo 2).
+        Biases start at 0, norm gains at 1 (w = 0 for the 1 + w norms of Gemma).
         """
         self.init_buffers()
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        cfg = self.cfg
+        std = cfg.init_std
+        residual_std = std / math.sqrt(2 * cfg.n_layers) if cfg.init_scheme == "depth_scaled" else std
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
 
         def normal(w: torch.Tensor, s: float) -> None:
-            nn.init.normal_(w, mean=0.0, std=s, generator=generator)
+            if cfg.init_scheme == "truncated_normal":
+                nn.init.trunc_normal_(w, mean=0.0, std=s, a=-3 * s, b=3 * s, generator=generator)
+            else:
+                nn.init.normal_(w, mean=0.0, std=s, generator=generator)
 
-        normal(self.tok_embeddings.weight, std)
-        for layer in self.layers:
-            attn, mlp = layer.attention, layer.feed_forward
-            for w in (attn.wq.weight, attn.wk.weight, attn.wv.weight, mlp.w1.weight, mlp.w3.weight):
-                normal(w, std)
-            normal(attn.wo.weight, residual_std)
-            normal(mlp.w2.weight, residual_std)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            normal(self.output.weight, std)
+        residual_outputs = {"attention.wo", "feed_forward.w2", "feed_forward.experts"}
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, nn.Embedding):
+                normal(module.weight, std)
+            elif isinstance(module, nn.Linear):
+                if name == "output" and cfg.tie_embeddings:
+                    continue  # the embedding matrix, already initialised
+                is_residual = any(name.endswith(suffix) for suffix in residual_outputs)
+                normal(module.weight, residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                normal(module.w1, std)
+                normal(module.w3, std)
+                normal(module.w2, residual_std)
 
     # ---- accounting -----------------------------------------------------------------------------------------
 
@@ -151,13 +276,28 @@ class Decoder(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
+    def num_active_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters one token is multiplied by: for MoE, only top_k of the num_experts experts count."""
+        n = self.num_params(exclude_embeddings)
+        moe = self.cfg.moe
+        if moe.num_experts:
+            expert = sum(
+                p.numel() for m in self.modules() if isinstance(m, MoE) for p in m.experts.parameters()
+            )
+            n -= expert * (moe.num_experts - moe.top_k) // moe.num_experts
+        return n
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
 
-        6 * N for the weight matmuls (2 forward, 4 backward per multiply-add), N excluding the input lookup
-        table, plus 12 * n_layers * n_heads * head_dim * seq_len for the attention scores and weighted sum
-        (counted without the causal halving, the usual convention for MFU).
+        6 * N for the weight matmuls (2 forward, 4 backward per multiply-add), N the active parameters
+        excluding the input lookup table, plus 12 * n_heads * head_dim * span per layer for the attention
+        scores and weighted sum, span = seq_len (min(seq_len, window) for sliding-window layers), counted
+        without the causal halving, the usual convention for MFU.
         """
         cfg = self.cfg
-        n = self.num_params(exclude_embeddings=True)
-        return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        n = self.num_active_params(exclude_embeddings=True)
+        spans = [
+            min(seq_len, cfg.sliding_window) if cfg.is_sliding(i) else seq_len for i in range(cfg.n_layers)
+        ]
+        return 6 * n + 12 * cfg.n_heads * cfg.head_dim * sum(spans)

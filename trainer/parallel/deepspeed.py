@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError
-from trainer.engine import wants_bf16
+from trainer.engine import model_inputs, wants_bf16
 from trainer.loss import IGNORE_INDEX, lm_loss
 from trainer.model import Decoder
 from trainer.optim import build_optimizer
@@ -137,11 +137,11 @@ class DeepSpeedEngine:
         scale = self.world_size / n_global
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            logits = engine(
-                batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device)
-            )
+            logits = engine(**model_inputs(batch, self.device))
             loss = lm_loss(logits, batch["labels"].to(self.device), reduction="sum")
-            engine.backward(loss * scale, scale_wrt_gas=False)
+            # MoE auxiliary losses (zero for dense models), a mean over micro-batches as in Engine.
+            aux = engine.module.aux_loss() / len(micro_batches)
+            engine.backward(loss * scale + aux, scale_wrt_gas=False)
             engine.step()  # reduces, clips (gradient_clipping) and steps at the last micro-batch only
             loss_sum += loss.detach().float()
         total = self._all_reduce(loss_sum)
@@ -164,9 +164,7 @@ class DeepSpeedEngine:
         try:
             for batch in batches:
                 labels = batch["labels"].to(self.device)
-                logits = self.engine(
-                    batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device)
-                )
+                logits = self.engine(**model_inputs(batch, self.device))
                 total += lm_loss(logits, labels, reduction="sum").item()
                 tokens += int((labels != IGNORE_INDEX).sum())
         finally:

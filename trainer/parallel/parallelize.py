@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from trainer.config import ParallelConfig
+from trainer.model.layers import RMSNorm
 from trainer.parallel.mesh import ParallelDims
 
 
@@ -111,8 +112,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelCo
             "feed_forward.w2": RowwiseParallel(output_layouts=residual),
         }
         if sp:
-            plan["attention_norm"] = SequenceParallel()
-            plan["ffn_norm"] = SequenceParallel()
+            for name in ("attention_norm", "ffn_norm"):  # absent (Identity) in post-norm-only families
+                if isinstance(getattr(block, name), RMSNorm):
+                    plan[name] = SequenceParallel()
+            # Sandwich/post norms (Gemma 2/3, GLM-4, OLMo 2) sit on the residual side: their output is
+            # added to the local residual shard, so they hand back a plain local tensor.
+            for name in ("post_attention_norm", "post_ffn_norm"):
+                if isinstance(getattr(block, name), RMSNorm):
+                    plan[name] = SequenceParallel(use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
 
 

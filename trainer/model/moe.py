@@ -1,0 +1,187 @@
+"""Mixture of experts: a top-k softmax router over experts whose weights are stored as 3-D tensors.
+
+    probs = softmax(router(x))                  one distribution over the experts per token
+    weights, experts = top_k(probs)             (renormalised to sum to 1 when cfg.moe.renormalize)
+    y = sum_j weights_j * expert_j(x)           each expert a gated MLP, like the dense one
+
+Dispatch has no Python loop over experts: the (token, choice) pairs are sorted by expert, and the experts
+run as one grouped matmul (torch._grouped_mm, on CUDA in bf16) or, elsewhere, as one batched matmul over
+a [num_experts, capacity, d] buffer whose capacity is the largest group (zero padding, no token dropped).
+Outputs are scattered back with index_add. `benchmark_dispatch()` below times this against a per-expert loop.
+
+Each MoE layer keeps a few statistics of its last forward (RouterStats); `moe_aux_losses(model)` turns
+them into the load-balancing loss (exactly transformers' load_balancing_loss_func, pooled over layers)
+and the router z-loss. Decoder.aux_loss() weights and sums them for the training loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from trainer.model.config import ModelConfig
+from trainer.model.layers import ACTIVATIONS
+
+
+@dataclass
+class RouterStats:
+    """What the auxiliary losses need from one layer's routing, summed over its tokens."""
+
+    expert_counts: torch.Tensor
+    """[E] how many of the tokens' top-k slots went to each expert (no gradient)."""
+    prob_sums: torch.Tensor
+    """[E] router probability mass per expert, fp32 (differentiable)."""
+    z_sum: torch.Tensor
+    """sum over tokens of logsumexp(router logits)^2, fp32 (differentiable)."""
+    tokens: int
+
+
+class GroupedExperts(nn.Module):
+    """num_experts gated MLPs, each weight stored as one [E, out, in] parameter (an nn.Linear weight per expert)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "silu") -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[activation]
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # gate
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # up
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # down
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, d]; experts, weights [N, k] -> [N, d], the weighted sum of each token's k experts."""
+        N, k = experts.shape
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)  # the N*k (token, choice) slots, grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.w1.shape[0])
+        xs = x[token]  # [N*k, d], expert 0's rows first
+        if _grouped_mm_available(xs):
+            ys = self._grouped(xs, counts)
+        else:
+            ys = self._padded(xs, counts)
+        ys = ys * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets)
+
+        return mm(self.act(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
+
+    def _padded(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        E = counts.numel()
+        capacity = int(counts.max())  # one host sync; nothing is dropped
+        expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts)
+        slot = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]
+        buf = xs.new_zeros(E, capacity, xs.shape[1])
+        buf[expert, slot] = xs
+        # Padding rows are zero and stay zero (act(0) * 0 = 0); they are never read back.
+        h = self.act(buf @ self.w1.transpose(1, 2)) * (buf @ self.w3.transpose(1, 2))
+        return (h @ self.w2.transpose(1, 2))[expert, slot]
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    # torch._grouped_mm runs everywhere, but only its CUDA bf16 kernel is fast; the CPU fallback is slower
+    # than the padded batched matmul in forward (see benchmark_dispatch and docs/architectures.md).
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+class MoE(nn.Module):
+    """Top-k softmax routing (Mixtral, Qwen3-MoE) over GroupedExperts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.moe.top_k
+        self.renormalize = cfg.moe.renormalize
+        self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
+        self.experts = GroupedExperts(cfg.moe.num_experts, cfg.d_model, cfg.ffn_dim, cfg.activation)
+        self.stats: Optional[RouterStats] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)  # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        self.stats = RouterStats(
+            expert_counts=torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).float(),
+            prob_sums=probs.sum(dim=0),
+            z_sum=torch.logsumexp(logits.float(), dim=-1).pow(2).sum(),
+            tokens=x.shape[0],
+        )
+        return self.experts(x, experts, weights.to(x.dtype)).view(shape)
+
+
+def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unweighted auxiliary losses of the last forward of every MoE layer in `model` ({} if none).
+
+    moe_load_balance: E * sum_e f_e * P_e, where f_e is the fraction of top-k slots routed to expert e and P_e
+        its mean router probability, both pooled over all MoE layers' tokens (Switch Transformer; identical
+        to transformers' load_balancing_loss_func). 1 * top_k when perfectly balanced.
+    moe_router_z: mean over tokens (and layers) of logsumexp(router logits)^2 (ST-MoE), keeps logits small.
+    """
+    stats = [m.stats for m in model.modules() if isinstance(m, MoE) and m.stats is not None]
+    if not stats:
+        return {}
+    tokens = sum(s.tokens for s in stats)
+    counts = torch.stack([s.expert_counts for s in stats]).sum(0)
+    probs = torch.stack([s.prob_sums for s in stats]).sum(0)
+    z = torch.stack([s.z_sum for s in stats]).sum()
+    return {
+        "moe_load_balance": counts.numel() * ((counts / tokens) * (probs / tokens)).sum(),
+        "moe_router_z": z / tokens,
+    }
+
+
+def benchmark_dispatch(repeats: int = 5) -> None:
+    """Time the dispatch against a per-expert Python loop (forward + backward) on this machine's CPU:
+    python -c "from trainer.model.moe import benchmark_dispatch; benchmark_dispatch()"
+    """
+    import time
+
+    torch.manual_seed(0)
+    E, k, d, hidden, N = 8, 2, 512, 1408, 4096
+    experts = GroupedExperts(E, d, hidden)
+    for w in (experts.w1, experts.w2, experts.w3):
+        nn.init.normal_(w, std=0.02)
+    x = torch.randn(N, d, requires_grad=True)
+    probs = torch.softmax(torch.randn(N, E), dim=-1)
+    weights, chosen = probs.topk(k, dim=-1)
+
+    def loop() -> torch.Tensor:  # what transformers' eager MoE does
+        y = torch.zeros_like(x)
+        for e in range(E):
+            tok, j = torch.where(chosen == e)
+            h = experts.act(x[tok] @ experts.w1[e].T) * (x[tok] @ experts.w3[e].T)
+            y.index_add_(0, tok, (h @ experts.w2[e].T) * weights[tok, j, None])
+        return y
+
+    def grouped_cpu() -> torch.Tensor:  # torch._grouped_mm's CPU fallback, same sorting
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        ys = experts._grouped(x[order // k], torch.bincount(flat, minlength=E))
+        return torch.zeros_like(x).index_add(0, order // k, ys * weights.reshape(-1)[order, None])
+
+    fns = {"sorted + padded bmm (ours, CPU)": lambda: experts(x, chosen, weights), "per-expert loop": loop}
+    if hasattr(torch, "_grouped_mm"):
+        fns["sorted + torch._grouped_mm"] = grouped_cpu
+    ref = loop().detach()
+    print(
+        f"{N} tokens, {E} experts, top-{k}, d={d}, hidden={hidden}, fp32, {torch.get_num_threads()} threads"
+    )
+    for name, fn in fns.items():
+        assert torch.allclose(fn().detach(), ref, atol=1e-5)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn().sum().backward()
+            times.append(time.perf_counter() - t)
+        print(
+            f"  {name:34s} {1000 * sorted(times)[repeats // 2]:8.1f} ms  (median of {repeats}, forward + backward)"
+        )
