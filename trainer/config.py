@@ -101,6 +101,10 @@ class TrainerConfig:
     exit_at_step: int = 0
     """Save a checkpoint and exit once this step is reached, as a preempted job would; 0: never.
     Running the same command again resumes from there."""
+    time_budget_s: float = 0.0
+    """Wall-clock budget of this run in seconds: once the next step would overrun it, save a checkpoint and
+    exit with status 75 (trainer.preemption.REQUEUE_EXIT_CODE) to be started again; 0: no budget (or the
+    TRAINER_TIME_BUDGET_S environment variable). SIGUSR1 and SIGTERM stop the run the same way."""
     export_hf: bool = True
     """Export a Hugging Face folder (run_dir/hf) at the end of training."""
     threads: int = 0
@@ -126,6 +130,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"trainer.decay_fraction={self.decay_fraction} must be in (0, 1].")
+        if self.time_budget_s < 0:
+            raise ConfigError(f"trainer.time_budget_s={self.time_budget_s} must be >= 0 (0: no budget).")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_last < 1 or self.exit_at_step < 0:
             raise ConfigError(
                 "trainer.warmup_steps, trainer.checkpoint_every and trainer.exit_at_step must be >= 0 and "

@@ -37,6 +37,7 @@ from trainer.inference.generate import generate
 from trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
 from trainer.model import Decoder
 from trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
+from trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 
 logger = logging.getLogger("trainer")
 
@@ -54,6 +55,8 @@ class RunResult:
     hf_dir: Optional[Path]
     samples: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    stopped_for_requeue: bool = False
+    """Stopped early (SIGUSR1/SIGTERM, the stop file or trainer.time_budget_s) after saving a checkpoint."""
 
 
 def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
@@ -88,8 +91,14 @@ def prepare_data(cfg: Config, dims: ParallelDims) -> Tokenizer:
 def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
     """Train according to `cfg`. Safe to call again on the same run_dir: it resumes.
 
-    Every process started by torchrun calls this; a single-device run is the 1-process case.
+    Every process started by torchrun calls this; a single-device run is the 1-process case. While it
+    runs, SIGUSR1 and SIGTERM make it stop cleanly after the current step (trainer.preemption).
     """
+    with StopSignal(cfg.trainer.time_budget_s) as stop_signal:
+        return _run(cfg, resolved_yaml, stop_signal)
+
+
+def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> RunResult:
     started = time.perf_counter()
     dims = init_parallel(cfg.parallel, "cuda" if resolve_device(cfg).type == "cuda" else "cpu")
     device = resolve_device(cfg, dims.local_rank)
@@ -140,7 +149,8 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
         initial_val_loss = state["extra"].get("initial_val_loss")
-        logger.info("resumed from %s at step %d", resume_from, step)
+    if resume_from is not None or restart_count() > 0:
+        logger.info(restart_message(step, resume_from))
 
     metrics = None
     if dims.is_main:
@@ -189,6 +199,8 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
         )
         return result
 
+    if resume_from is not None or restart_count() > 0:
+        log(step, {"restart_count": restart_count(), "resumed_from": str(resume_from)}, "resume")
     if step == 0:
         initial_val_loss = validate(0)["loss"]
 
@@ -201,7 +213,7 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
         return engine.save(checkpointer, at_step, {"loader": loader.state_dict(), "extra": extra})
 
     last_checkpoint = None
-    exit_early = False
+    exit_early = stopped = False
     with logging_redirect_tqdm():
         bar = tqdm(
             total=cfg.trainer.max_steps,
@@ -251,21 +263,29 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
 
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.max_steps:
                 validate(step)
-            exit_early = (
+            # Collective: every rank asks after every step, so all stop after the same one.
+            stopped = step < cfg.trainer.max_steps and stop_signal.should_stop()
+            exit_early = stopped or (
                 cfg.trainer.exit_at_step > 0 and step == cfg.trainer.exit_at_step < cfg.trainer.max_steps
             )
             periodic = cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
             if periodic or exit_early or step == cfg.trainer.max_steps:
                 last_checkpoint = save(step)
             if exit_early:
-                logger.info(
-                    "exiting at step %d as asked (trainer.exit_at_step); resume by running again", step
-                )
+                if stopped:
+                    logger.info("stopping at step %d for requeue (%s)", step, stop_signal.reason)
+                else:
+                    logger.info(
+                        "exiting at step %d as asked (trainer.exit_at_step); resume by running again", step
+                    )
                 break
         bar.close()
     checkpointer.wait()
+    if stopped:
+        stop_signal.mark_requeue(step, last_checkpoint)
 
     result = RunResult(run_dir, step, initial_val_loss, float("nan"), float("nan"), last_checkpoint, None)
+    result.stopped_for_requeue = stopped
     if not exit_early:
         final = validate(step)
         result.final_val_loss, result.final_val_perplexity = final["loss"], final["perplexity"]
@@ -364,6 +384,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(dcfg: DictConfig) -> Any:
+    _own_run_dir_per_sweep_job(dcfg)
     try:
         cfg = to_config(dcfg)
     except ConfigError as e:
@@ -377,7 +398,23 @@ def main(dcfg: DictConfig) -> Any:
     except (DataError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result.stopped_for_requeue:
+        sys.exit(REQUEUE_EXIT_CODE)
     return result.final_val_loss
+
+
+def _own_run_dir_per_sweep_job(dcfg: DictConfig) -> None:
+    """In a multirun (`-m`, e.g. through hydra/launcher=submitit_slurm) every job writes into its own sweep
+    folder (<output_root>/multirun/<name>/<job number>) instead of sharing run_dir, unless run_dir is set."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    run_dir_set = any(o.lstrip("+~").startswith("run_dir=") for o in hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN and not run_dir_set:
+        dcfg.run_dir = hc.runtime.output_dir
 
 
 if __name__ == "__main__":
