@@ -1,17 +1,29 @@
-"""Turn the configured sources into packed train/val shards, once.
+"""Turn the configured sources into packed train/val shards, once, resumably, in parallel.
 
-    sources --iter_sources--> documents --split by hash of id--> train | val
-            --Tokenizer.encode_batch--> ids --ConcatPacker--> rows --ShardWriter--> {prepared_dir}/{split}/
+    sources --iter_sources--> documents --iter_chunks--> work units (chunks of ~chunk_chars characters)
+            --WorkerPool: split by hash of id, tokenize, pack, write shards--> {dir}/.work-<fp>/{train,val}/
+            --all chunks done: manifests, then rename--> {dir}/train, {dir}/val
 
-`prepare` is idempotent: the manifests carry a fingerprint of everything that determines their content
-(sources, seq_len, val_fraction, shard_sequences, tokenizer), and a second call with the same inputs
-returns at once. Each split is written into a temporary sibling directory and renamed into place, so an
-interrupted run leaves nothing that looks complete.
+`{dir}` is `prepared_dir`, or `prepared_dir/<source name>` for each source of a mixture (every source its
+own dataset, mixed by the loader).
+
+- Idempotent: the manifests carry a fingerprint of everything that determines their content (sources and
+  their file sizes, seq_len, packing, val_fraction, shard_sequences, chunk_chars, tokenizer and its BOS/EOS
+  policy); a second call with the same inputs returns at once.
+- Resumable: every chunk's shards are written atomically, followed by a small marker file; a run killed at
+  any point (SIGKILL included) and started again skips the finished chunks and ends with exactly the
+  output of an uninterrupted run. The work directory is named by the fingerprint, so a changed config
+  never resumes stale work.
+- Parallel and deterministic: chunks are tokenized by `data.num_workers` processes; the output is
+  byte-identical whatever their number.
+- Nothing half-written: the finished splits are renamed into place only when complete; a reader never
+  sees a directory with a manifest that does not describe it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -21,19 +33,40 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from tqdm import tqdm
 
+from data.chunks import (
+    SPLITS,
+    Chunk,
+    PackSpec,
+    iter_chunks,
+    pack_chunk,
+    register_tokenizer,
+    registered_tokenizer,
+    split_of,
+    tokenizer_key,
+)
 from data.config import DataConfig, SourceConfig
-from data.packing import ConcatPacker
-from data.shards import FORMAT, MANIFEST, ShardWriter
-from data.sources import DataError, Document, expand_paths, iter_sources
-from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from data.report import ERROR_REASONS, DataError, InputReport
+from data.shards import (
+    FORMAT,
+    MANIFEST,
+    ShardDataset,
+    build_manifest,
+    shard_paths,
+    write_json_atomic,
+    write_shard,
+)
+from data.sources import iter_sources, source_files
+from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_bpe
+from data.workers import WorkerPool, resolve_num_workers
+
+__all__ = ["DatasetGroup", "config_fingerprint", "dataset_groups", "ensure_tokenizer", "prepare", "split_of"]
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "val")
-ENCODE_BATCH_DOCS = 256
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,7 +77,7 @@ ENCODE_BATCH_DOCS = 256
 def _budgeted_texts(sources: list[SourceConfig], max_chars: int) -> Iterator[str]:
     """The texts of the document stream, the last one truncated, until `max_chars` characters in all."""
     remaining = max_chars
-    for doc in iter_sources(sources):
+    for doc in iter_sources(sources, InputReport()):
         if remaining <= 0:
             return
         text = doc.text[:remaining]
@@ -53,11 +86,18 @@ def _budgeted_texts(sources: list[SourceConfig], max_chars: int) -> Iterator[str
 
 
 def ensure_tokenizer(cfg: DataConfig, show_progress: bool = True) -> Tokenizer:
-    """The tokenizer at cfg.tokenizer.path; trained on the sources and saved there first if missing."""
+    """The tokenizer at cfg.tokenizer.path with cfg's BOS/EOS policy; trained on the sources first if missing."""
     path = cfg.tokenizer.path
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json")):
-        tokenizer = load_tokenizer(path)
+    policy = dict(
+        eos_token=cfg.tokenizer.eos_token,
+        bos_token=cfg.tokenizer.bos_token,
+        add_bos=cfg.tokenizer.add_bos,
+        add_eos=cfg.tokenizer.add_eos,
+    )
+    if has_tokenizer(path):
+        tokenizer = load_tokenizer(path, **policy)
         logger.info("loaded tokenizer from %s: %s", path, tokenizer)
+        logger.info("BOS/EOS policy: %s", tokenizer.describe_policy())
         return tokenizer
     if not cfg.tokenizer.train:
         raise DataError(
@@ -86,52 +126,147 @@ def ensure_tokenizer(cfg: DataConfig, show_progress: bool = True) -> Tokenizer:
         show_progress=show_progress,
     )
     # Reload from disk, so the fingerprint is that of the saved file every later run will load.
-    tokenizer = load_tokenizer(out_dir)
+    tokenizer = load_tokenizer(out_dir, **policy)
     logger.info("trained %s in %.1fs, saved to %s", tokenizer, time.perf_counter() - start, out_dir)
+    logger.info("BOS/EOS policy: %s", tokenizer.describe_policy())
     return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shards
+# Layout
 # ---------------------------------------------------------------------------------------------------------
 
 
-def split_of(doc: Document, val_fraction: float) -> str:
-    """'val' or 'train', a stable function of (source, id): the split survives reordering and new data."""
-    digest = hashlib.blake2b(f"{doc.source}\x00{doc.id}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
+@dataclass
+class DatasetGroup:
+    """Sources prepared together into one dataset directory (with train/ and val/)."""
+
+    name: str
+    directory: str
+    sources: list[SourceConfig]
+
+    def split_dir(self, split: str) -> str:
+        return os.path.join(self.directory, split)
 
 
-def config_fingerprint(cfg: DataConfig, tokenizer: Tokenizer) -> str:
-    """sha256 of everything that determines the prepared shards.
+def dataset_groups(cfg: DataConfig) -> list[DatasetGroup]:
+    """One group of all sources in `prepared_dir`, or, for a mixture, one per source in `prepared_dir/<name>`."""
+    if cfg.is_mixture:
+        return [DatasetGroup(s.name, os.path.join(cfg.prepared_dir, s.name), [s]) for s in cfg.sources]
+    return [DatasetGroup(cfg.name, cfg.prepared_dir, list(cfg.sources))]
+
+
+def config_fingerprint(cfg: DataConfig, tokenizer: Tokenizer, group: Optional[DatasetGroup] = None) -> str:
+    """sha256 of everything that determines the prepared shards of `group` (default: the first group).
 
     Includes the size of every input file, so appending to a corpus re-prepares; edits that keep the
-    size are not noticed (delete prepared_dir then).
+    size are not noticed (delete prepared_dir then). Mixture weights, the worker count and the loader
+    settings are left out: they do not change the shards.
     """
+    group = group or dataset_groups(cfg)[0]
+    sources = []
+    for s in group.sources:
+        fields = dataclasses.asdict(s)
+        fields.pop("weight")
+        sources.append(fields)
     payload = {
         "format": FORMAT,
-        "sources": [dataclasses.asdict(s) for s in cfg.sources],
-        "files": [[(p, os.path.getsize(p)) for p in expand_paths(s)] for s in cfg.sources],
+        "sources": sources,
+        "files": [source_files(s) for s in group.sources],
         "seq_len": cfg.seq_len,
+        "packing": cfg.packing,
         "val_fraction": cfg.val_fraction,
         "shard_sequences": cfg.shard_sequences,
+        "chunk_chars": cfg.chunk_chars,
         "tokenizer": tokenizer.fingerprint,
+        "policy": tokenizer.policy,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _existing_manifests(prepared_dir: str, fingerprint: str) -> dict[str, dict] | None:
-    manifests = {}
+# ---------------------------------------------------------------------------------------------------------
+# Work units (run in the worker processes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """One chunk to pack and write: everything but the tokenizer (registered once per worker process)."""
+
+    chunk: Chunk
+    spec: PackSpec
+    tokenizer: str
+    work_dir: str
+    shard_sequences: int
+
+
+def _marker_path(work_dir: str, index: int) -> str:
+    return os.path.join(work_dir, "chunks", f"chunk_{index:06d}.json")
+
+
+def _prepare_chunk(job: _ChunkJob) -> dict:
+    """Tokenize and pack one chunk, write its shards, then its marker (the proof it is finished)."""
+    tokenizer = registered_tokenizer(job.tokenizer)
+    chunk, per_file = job.chunk, job.shard_sequences
+    result = pack_chunk(chunk, job.spec, tokenizer)
+    marker: dict[str, Any] = {"index": chunk.index, "documents": len(chunk.documents), "splits": {}}
     for split in SPLITS:
+        rows, stats = result.rows[split], result.stats[split]
+        shards = []
+        for part, start in enumerate(range(0, len(rows), per_file)):
+            part_rows = rows.take(range(start, min(start + per_file, len(rows))))
+            name = f"shard_{chunk.index:06d}_{part:02d}"
+            shards.append(
+                write_shard(os.path.join(job.work_dir, split), name, part_rows, tokenizer.vocab_size)
+            )
+        marker["splits"][split] = {
+            "shards": shards,
+            "documents": stats.documents,
+            "tokens": stats.tokens,
+            "dropped_tokens": stats.dropped_tokens,
+            "padding_tokens": stats.padding_tokens,
+            "split_documents": stats.split_documents,
+            "documents_per_source": result.documents_per_source[split],
+        }
+    write_json_atomic(_marker_path(job.work_dir, chunk.index), marker)
+    return marker
+
+
+def _finished_chunks(work_dir: str) -> dict[int, dict]:
+    """Markers of the chunks a previous (killed) run finished, whose shard files are all still there."""
+    done = {}
+    for path in glob.glob(os.path.join(work_dir, "chunks", "chunk_*.json")):
         try:
-            with open(os.path.join(prepared_dir, split, MANIFEST), encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None
-        if manifest.get("extra", {}).get("config_fingerprint") != fingerprint:
-            return None
-        manifests[split] = manifest
-    return manifests
+            with open(path, encoding="utf-8") as f:
+                marker = json.load(f)
+            complete = all(
+                os.path.isfile(file)
+                for split, info in marker["splits"].items()
+                for shard in info["shards"]
+                for file in shard_paths(os.path.join(work_dir, split), shard["name"]).values()
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # written atomically, so this is not ours: redo the chunk
+        if complete:
+            done[int(marker["index"])] = marker
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_manifest(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _matches(manifest: Optional[dict], fingerprint: str) -> bool:
+    return manifest is not None and manifest.get("extra", {}).get("config_fingerprint") == fingerprint
 
 
 def _replace_dir(tmp: str, final: str) -> None:
@@ -145,106 +280,258 @@ def _replace_dir(tmp: str, final: str) -> None:
         os.rename(tmp, final)
 
 
-def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _remove_unlisted_files(directory: str, manifest: dict) -> None:
+    """Leftovers of killed workers (temporary files) must not end up in the final directory."""
+    keep = {MANIFEST} | {
+        os.path.basename(p) for s in manifest["shards"] for p in shard_paths(directory, s["name"]).values()
+    }
+    for name in os.listdir(directory):
+        if name not in keep:
+            os.remove(os.path.join(directory, name))
 
 
-def prepare(cfg: DataConfig, tokenizer: Tokenizer, show_progress: bool = True) -> dict[str, dict]:
-    """Write {cfg.prepared_dir}/train and /val (or reuse them) and return their manifests."""
-    fingerprint = config_fingerprint(cfg, tokenizer)
-    existing = _existing_manifests(cfg.prepared_dir, fingerprint)
-    if existing is not None:
-        logger.info("reusing prepared data at %s (config fingerprint %s)", cfg.prepared_dir, fingerprint[:12])
-        return existing
+def _finalize(group: DatasetGroup, work_dir: str, fingerprint: str) -> Optional[dict[str, dict]]:
+    """Move finished splits into place; their manifests, or None if the chunks are not all done yet."""
+    manifests = {}
+    for split in SPLITS:
+        final, staged = group.split_dir(split), os.path.join(work_dir, split)
+        if _matches(_read_manifest(staged), fingerprint):
+            continue
+        if not _matches(_read_manifest(final), fingerprint):
+            return None
+    for split in SPLITS:
+        staged = os.path.join(work_dir, split)
+        if _matches(_read_manifest(staged), fingerprint):
+            _replace_dir(staged, group.split_dir(split))
+        manifests[split] = _read_manifest(group.split_dir(split))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return manifests
 
-    os.makedirs(cfg.prepared_dir, exist_ok=True)
-    tmp_dirs = {s: tempfile.mkdtemp(prefix=f".{s}.tmp-", dir=cfg.prepared_dir) for s in SPLITS}
-    try:
-        manifests = _write_splits(cfg, tokenizer, fingerprint, tmp_dirs, show_progress)
-        for split in SPLITS:
-            _replace_dir(tmp_dirs[split], os.path.join(cfg.prepared_dir, split))
-    finally:
-        for tmp in tmp_dirs.values():
-            shutil.rmtree(tmp, ignore_errors=True)
 
-    for split, m in manifests.items():
-        logger.info(
-            "%s: %d documents, %d tokens in %d sequences of %d, %d tokens dropped (%s)",
-            split,
-            m["num_documents"],
-            m["num_tokens"],
-            m["num_sequences"],
-            cfg.seq_len,
-            m["dropped_tokens"],
-            os.path.join(cfg.prepared_dir, split),
+def _refuse_skipped_input(manifest: dict, group: DatasetGroup) -> None:
+    """Strict mode on data prepared leniently: the bad records it skipped are an error now."""
+    examples = manifest.get("extra", {}).get("input", {}).get("examples", {})
+    for reason in ERROR_REASONS:
+        if examples.get(reason):
+            raise DataError(
+                f"{examples[reason][0]}: {ERROR_REASONS[reason]}. (data.on_bad_input=error, and the data in "
+                f"{group.directory} was prepared with this record skipped as {reason}.)"
+            )
+
+
+def _remove_stale_work(group: DatasetGroup, keep: str) -> None:
+    for path in glob.glob(os.path.join(glob.escape(group.directory), ".work-*")):
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prepare(
+    cfg: DataConfig, tokenizer: Tokenizer, show_progress: bool = True, num_workers: Optional[int] = None
+) -> dict[str, dict]:
+    """Write (or reuse, or finish) the train and val shards of every dataset group; return their manifests.
+
+    Keys are 'train' and 'val', or '<source>/train' and '<source>/val' for a mixture. In online mode
+    there is nothing to prepare and the result is empty. `num_workers` overrides `cfg.num_workers`.
+    """
+    if cfg.mode == "online":
+        logger.info("data.mode=online: nothing to prepare, the loader tokenizes the sources as it goes")
+        return {}
+    workers = resolve_num_workers(cfg.num_workers if num_workers is None else num_workers)
+    manifests: dict[str, dict] = {}
+    for group in dataset_groups(cfg):
+        prefix = f"{group.name}/" if cfg.is_mixture else ""
+        for split, manifest in _prepare_group(cfg, tokenizer, group, workers, show_progress).items():
+            manifests[prefix + split] = manifest
+        if cfg.verify:
+            for split in SPLITS:
+                ShardDataset(group.split_dir(split)).verify()
+            logger.info("verified the sha256 of every shard in %s", group.directory)
+    val_sequences = sum(m["num_sequences"] for key, m in manifests.items() if key.endswith("val"))
+    if cfg.is_mixture and cfg.val_fraction > 0 and val_sequences == 0:
+        raise DataError(
+            f"no source of the mixture got a full val sequence of {cfg.seq_len + 1} tokens with "
+            f"data.val_fraction={cfg.val_fraction}: raise data.val_fraction or lower data.seq_len."
         )
     return manifests
 
 
-def _write_splits(
-    cfg: DataConfig, tokenizer: Tokenizer, fingerprint: str, out_dirs: dict[str, str], show_progress: bool
+def _prepare_group(
+    cfg: DataConfig, tokenizer: Tokenizer, group: DatasetGroup, workers: int, show_progress: bool
 ) -> dict[str, dict]:
-    packers = {s: ConcatPacker(cfg.seq_len, tokenizer.eos_id) for s in SPLITS}
-    per_source = {s: Counter() for s in SPLITS}
-    writers = {
-        s: ShardWriter(
-            out_dirs[s],
+    fingerprint = config_fingerprint(cfg, tokenizer, group)
+    if all(_matches(_read_manifest(group.split_dir(s)), fingerprint) for s in SPLITS):
+        logger.info("reusing prepared data at %s (config fingerprint %s)", group.directory, fingerprint[:12])
+        manifests = {s: _read_manifest(group.split_dir(s)) for s in SPLITS}
+        if cfg.on_bad_input == "error":
+            _refuse_skipped_input(manifests["train"], group)  # type: ignore[arg-type]
+        return manifests  # type: ignore[return-value]
+
+    work_dir = os.path.join(group.directory, f".work-{fingerprint[:16]}")
+    _remove_stale_work(group, keep=work_dir)
+    finished = _finalize(group, work_dir, fingerprint)  # a previous run was killed while moving splits
+    if finished is not None:
+        return finished
+
+    for sub in ("chunks", *SPLITS):
+        os.makedirs(os.path.join(work_dir, sub), exist_ok=True)
+    done = _finished_chunks(work_dir)
+    logger.info("preparing %s; BOS/EOS policy: %s", group.directory, tokenizer.describe_policy())
+    if done:
+        logger.info("resuming %s: %d finished work units found in %s", group.directory, len(done), work_dir)
+    try:
+        report, markers = _run_chunks(cfg, tokenizer, group, work_dir, done, workers, show_progress)
+        manifests = _write_manifests(cfg, tokenizer, group, work_dir, fingerprint, report, markers)
+    except DataError:
+        # Bad input in strict mode or a config that yields no data: rerunning gives the same failure, so
+        # there is nothing worth resuming.
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    _finalize(group, work_dir, fingerprint)
+    return manifests
+
+
+def _run_chunks(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    group: DatasetGroup,
+    work_dir: str,
+    done: dict[int, dict],
+    workers: int,
+    show_progress: bool,
+) -> tuple[InputReport, list[dict]]:
+    report = InputReport(strict=cfg.on_bad_input == "error")
+    markers: dict[int, dict] = {}
+    num_chunks = 0
+    start = time.perf_counter()
+    tokens = documents = 0
+    bar = tqdm(desc=f"prepare {group.name}", unit="doc", unit_scale=True, disable=not show_progress)
+
+    def count(marker: dict) -> None:
+        nonlocal tokens, documents
+        markers[marker["index"]] = marker
+        documents += marker["documents"]
+        tokens += sum(info["tokens"] + info["dropped_tokens"] for info in marker["splits"].values())
+        bar.update(marker["documents"])
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{tokens:,} tokens, {tokens / elapsed:,.0f} tokens/s, {num_chunks} units")
+
+    spec = PackSpec(cfg.seq_len, cfg.packing, cfg.val_fraction)
+    key = tokenizer_key(tokenizer)
+
+    def todo() -> Iterator[_ChunkJob]:
+        nonlocal num_chunks
+        for chunk in iter_chunks(iter_sources(group.sources, report), cfg.chunk_chars):
+            num_chunks = chunk.index + 1
+            if chunk.index in done:
+                count(done[chunk.index])
+            else:
+                yield _ChunkJob(chunk, spec, key, work_dir, cfg.shard_sequences)
+
+    pool = WorkerPool(workers, initializer=register_tokenizer, initargs=(tokenizer,))
+    try:
+        with pool:
+            for marker in pool.imap(_prepare_chunk, todo()):
+                count(marker)
+    finally:
+        bar.close()
+    report.check_totals()
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "%s: %d documents, %d tokens in %d work units in %.1fs (%.0f documents/s, %.0f tokens/s, %s)",
+        group.name,
+        documents,
+        tokens,
+        num_chunks,
+        elapsed,
+        documents / max(elapsed, 1e-9),
+        tokens / max(elapsed, 1e-9),
+        f"{workers} worker processes" if pool.started else "in this process",
+    )
+    logger.info("%s", report.summary())
+    return report, [markers[i] for i in range(num_chunks)]
+
+
+def _write_manifests(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    group: DatasetGroup,
+    work_dir: str,
+    fingerprint: str,
+    report: InputReport,
+    markers: list[dict],
+) -> dict[str, dict]:
+    manifests = {}
+    for split in SPLITS:
+        infos = [m["splits"][split] for m in markers]
+        per_source: Counter = Counter()
+        for info in infos:
+            per_source.update(info["documents_per_source"])
+        extra = {
+            "config_fingerprint": fingerprint,
+            "split": split,
+            "dataset": group.name,
+            "val_fraction": cfg.val_fraction,
+            "chunk_chars": cfg.chunk_chars,
+            "num_work_units": len(markers),
+            "split_documents": sum(i["split_documents"] for i in infos),
+            "documents_per_source": dict(sorted(per_source.items())),
+            "tokenizer_policy": tokenizer.policy,
+            "input": report.to_dict(),
+        }
+        manifests[split] = build_manifest(
+            [shard for info in infos for shard in info["shards"]],
             seq_len=cfg.seq_len,
             vocab_size=tokenizer.vocab_size,
-            shard_sequences=cfg.shard_sequences,
             tokenizer_fingerprint=tokenizer.fingerprint,
-            extra={"config_fingerprint": fingerprint, "split": s, "val_fraction": cfg.val_fraction},
+            packing=cfg.packing,
+            num_documents=sum(i["documents"] for i in infos),
+            dropped_tokens=sum(i["dropped_tokens"] for i in infos),
+            extra=extra,
         )
-        for s in SPLITS
-    }
 
-    start = time.perf_counter()
-    num_tokens = 0
-    with tqdm(desc="prepare", unit="doc", disable=not show_progress) as bar:
-        for batch in _batches(iter_sources(cfg.sources), ENCODE_BATCH_DOCS):
-            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
-                split = split_of(doc, cfg.val_fraction)
-                per_source[split][doc.source] += 1
-                for row in packers[split].add(ids):
-                    writers[split].write(row)
-                num_tokens += len(ids) + 1
-            bar.update(len(batch))
-            bar.set_postfix(tokens=num_tokens, tok_per_s=f"{num_tokens / (time.perf_counter() - start):.3g}")
-
-    manifests = {}
-    for s in SPLITS:
-        packers[s].flush()
-        writers[s].extra["documents_per_source"] = dict(per_source[s])
-        manifests[s] = writers[s].close(packers[s].documents, dropped_tokens=packers[s].dropped_tokens)
-
-    if manifests["train"]["num_sequences"] == 0:
+    train, val = manifests["train"], manifests["val"]
+    if train["num_sequences"] == 0:
         raise DataError(
-            f"the train split got no full sequence of {cfg.seq_len + 1} tokens ({packers['train'].documents} "
-            f"documents, {packers['train'].dropped_tokens} tokens): add data or lower data.seq_len."
+            f"{group.name}: the train split got no full sequence of {cfg.seq_len + 1} tokens "
+            f"({train['num_documents']} documents, {train['dropped_tokens']} tokens): add data or lower "
+            "data.seq_len."
         )
-    if cfg.val_fraction > 0 and manifests["val"]["num_sequences"] == 0:
+    if cfg.val_fraction > 0 and val["num_sequences"] == 0 and cfg.is_mixture:
+        # One small source of a mixture may well have no held-out sequence; `prepare` checks the total.
+        logger.warning(
+            "%s: the val split got no full sequence (data.val_fraction=%s)", group.name, cfg.val_fraction
+        )
+    elif cfg.val_fraction > 0 and val["num_sequences"] == 0:
         raise DataError(
-            f"the val split got no full sequence of {cfg.seq_len + 1} tokens ({packers['val'].documents} "
-            f"documents, {packers['val'].dropped_tokens} tokens) with data.val_fraction={cfg.val_fraction}: "
-            "raise data.val_fraction or lower data.seq_len."
+            f"{group.name}: the val split got no full sequence of {cfg.seq_len + 1} tokens "
+            f"({val['num_documents']} documents, {val['dropped_tokens']} tokens) with "
+            f"data.val_fraction={cfg.val_fraction}: raise data.val_fraction or lower data.seq_len."
+        )
+    for split, manifest in manifests.items():
+        directory = os.path.join(work_dir, split)
+        _remove_unlisted_files(directory, manifest)
+        write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+        logger.info(
+            "%s %s: %d documents, %d tokens in %d sequences of %d (%d padding), %d tokens dropped",
+            group.name,
+            split,
+            manifest["num_documents"],
+            manifest["num_tokens"],
+            manifest["num_sequences"],
+            cfg.seq_len,
+            manifest["num_padding_tokens"],
+            manifest["dropped_tokens"],
         )
     return manifests
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line: `python -m data.prepare` (the Hydra entry point `main()` goes below this line).
+# Command line: `python -m data.prepare [--verify] [Hydra overrides]`
 # ---------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
-    """`python -m data.prepare [Hydra overrides]`: train the tokenizer if needed and write the shards."""
+    """`python -m data.prepare [--verify] [Hydra overrides]`: train the tokenizer if needed, write the shards."""
     import sys
 
     import hydra
@@ -253,6 +540,8 @@ def main() -> None:
     from trainer.config_store import register, to_config
 
     register()
+    if "--verify" in sys.argv:  # the same as the override data.verify=true
+        sys.argv = [a for a in sys.argv if a != "--verify"] + ["data.verify=true"]
 
     @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
     def _run(dcfg: DictConfig) -> None:
@@ -260,15 +549,27 @@ def main() -> None:
             cfg = to_config(dcfg).data
             tokenizer = ensure_tokenizer(cfg)
             manifests = prepare(cfg, tokenizer)
-        except (ValueError, DataError) as e:
+        except (ValueError, DataError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        for split, m in manifests.items():
+        if not manifests:
+            print("data.mode=online: nothing to prepare.")
+        for key, m in manifests.items():
             print(
-                f"{split}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens, "
-                f"{m['num_sequences']:,} sequences of {m['seq_len']} in {os.path.join(cfg.prepared_dir, split)}"
+                f"{key}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens, "
+                f"{m['num_sequences']:,} sequences of {m['seq_len']} in {os.path.join(cfg.prepared_dir, key)}"
             )
-        print(f"tokenizer: {cfg.tokenizer.path} (vocab {tokenizer.vocab_size}, eos {tokenizer.eos_token!r})")
+        reports = {m["extra"]["dataset"]: m["extra"]["input"] for m in manifests.values()}
+        for name, report in reports.items():
+            skipped = ", ".join(f"{n:,} {reason}" for reason, n in report["skipped"].items()) or "none"
+            print(
+                f"input {name}: {report['records']:,} records, {report['documents']:,} documents, skipped: {skipped}"
+            )
+        if cfg.verify and manifests:
+            print("verified: every shard matches its sha256 in manifest.json")
+        print(
+            f"tokenizer: {cfg.tokenizer.path} (vocab {tokenizer.vocab_size}; {tokenizer.describe_policy()})"
+        )
 
     _run()
 

@@ -1,26 +1,30 @@
-"""Packed sequences on disk: the "packed-v1" shard format, its writer and its reader.
+"""Packed rows on disk: the "packed-v2" shard format, its writers and its reader.
 
-A prepared split is a directory:
+A prepared split is a directory (the format is documented for users in docs/data.md):
 
-    manifest.json                 written last; a directory without it is not a dataset
-    shard_00000.tokens.bin        token ids, raw little-endian array of shape (n, seq_len + 1), row-major;
-                                  dtype uint16 when vocab_size <= 65536, else uint32 (see manifest "dtype")
-    shard_00000.docs.bin          int32: the doc_starts of all n rows of the shard, concatenated
-    shard_00000.offsets.bin       int64, n + 1 entries: row i's doc_starts are docs[offsets[i]:offsets[i+1]]
-    shard_00001.tokens.bin        ... every shard but the last holds `shard_sequences` rows
+    manifest.json                    written last; a directory without it is not a dataset
+    shard_000000_00.tokens.bin       token ids, raw little-endian array of shape (n, seq_len + 1), row-major;
+                                     dtype uint16 when vocab_size <= 65536, else uint32 (manifest "dtype")
+    shard_000000_00.bounds.bin       int32: every row's document boundaries, concatenated: the start of each
+                                     document in the row (the first is 0), then the row's length (where its
+                                     padding begins; seq_len + 1 when it has none)
+    shard_000000_00.offsets.bin      int64, n + 1 entries: row i's boundaries are bounds[offsets[i]:offsets[i+1]]
+    ...
 
 manifest.json:
 
-    {"format": "packed-v1", "seq_len": int, "dtype": "uint16" | "uint32", "vocab_size": int,
-     "tokenizer_fingerprint": str, "num_sequences": int, "num_tokens": int (= num_sequences * (seq_len+1)),
+    {"format": "packed-v2", "seq_len": int, "dtype": "uint16" | "uint32", "vocab_size": int,
+     "tokenizer_fingerprint": str, "packing": "concat" | "best_fit",
+     "num_sequences": int, "num_tokens": int (real tokens, padding excluded), "num_padding_tokens": int,
      "num_documents": int, "dropped_tokens": int,
-     "shards": [{"name": "shard_00000", "num_sequences": int, "sha256": hex digest of its tokens.bin}],
-     "extra": {...free-form, e.g. the config fingerprint of data.prepare}}
+     "shards": [{"name": str, "num_sequences": int, "num_tokens": int,
+                 "sha256": {"tokens": hex, "bounds": hex, "offsets": hex}}],
+     "extra": {...free-form: the tokenizer policy, the input report, the config fingerprint of data.prepare}}
 
-Every file is written as `<name>.tmp` and renamed with `os.replace`, the manifest after all shards,
+Every file is written under a temporary name and renamed with `os.replace`, the manifest after all shards,
 so a reader never sees a partially written file under its final name. The token files are plain arrays
-so they are read with `np.memmap`: opening a dataset costs nothing, and the OS page cache is shared
-by all the data-parallel ranks of a node.
+read with `np.memmap`: opening a dataset costs nothing, and the OS page cache is shared by all the
+data-parallel ranks of a node.
 """
 
 from __future__ import annotations
@@ -28,16 +32,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from data.packing import PackedSequence
-from data.sources import DataError
+from data.packing import PackedRows, PackedSequence
+from data.report import DataError
 
-FORMAT = "packed-v1"
+FORMAT = "packed-v2"
 MANIFEST = "manifest.json"
+SHARD_FILES = ("tokens", "bounds", "offsets")
 _REQUIRED_KEYS = (
     "format",
     "seq_len",
@@ -54,41 +58,101 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _shard_files(directory: str, name: str) -> tuple[str, str, str]:
+def shard_paths(directory: str, name: str) -> dict[str, str]:
+    """kind ('tokens', 'bounds', 'offsets') -> path of that file of shard `name`."""
     base = os.path.join(directory, name)
-    return f"{base}.tokens.bin", f"{base}.docs.bin", f"{base}.offsets.bin"
+    return {kind: f"{base}.{kind}.bin" for kind in SHARD_FILES}
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+def _tmp_name(path: str) -> str:
+    # Unique per process: a worker left running by a killed run can never write into our temporary file.
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` all at once or not at all (temporary file, fsync, rename)."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-@dataclass
-class _OpenShard:
-    """The shard being written: its .tmp files, the running sha256 of its tokens, its row offsets."""
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
-    name: str
-    tokens: IO[bytes]
-    docs: IO[bytes]
-    sha256: Any = field(default_factory=hashlib.sha256)
-    offsets: list[int] = field(default_factory=lambda: [0])
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self.offsets) - 1
+def check_token_range(tokens: np.ndarray, vocab_size: int, first_row: int = 0) -> None:
+    """Every id must be in [0, vocab_size): a larger one means the data and the tokenizer disagree."""
+    if tokens.size == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        row = first_row + int(np.argwhere(tokens == bad)[0][0])
+        raise DataError(
+            f"sequence #{row} holds token id {bad}, outside [0, {vocab_size}) (vocab_size): the data was "
+            "tokenized with a different tokenizer than the one whose vocab_size was given to the writer."
+        )
+
+
+def write_shard(directory: str, name: str, rows: PackedRows, vocab_size: int) -> dict:
+    """Write one shard's three files atomically; return its manifest entry (with the files' sha256)."""
+    check_token_range(rows.tokens, vocab_size)
+    data = {
+        "tokens": np.ascontiguousarray(rows.tokens, dtype=token_dtype(vocab_size)).tobytes(),
+        "bounds": np.ascontiguousarray(rows.bounds, dtype=np.int32).tobytes(),
+        "offsets": np.ascontiguousarray(rows.offsets, dtype=np.int64).tobytes(),
+    }
+    paths = shard_paths(directory, name)
+    for kind in SHARD_FILES:
+        write_bytes_atomic(paths[kind], data[kind])
+    return {
+        "name": name,
+        "num_sequences": len(rows),
+        "num_tokens": int(rows.lengths.sum()) if len(rows) else 0,
+        "sha256": {kind: hashlib.sha256(data[kind]).hexdigest() for kind in SHARD_FILES},
+    }
+
+
+def build_manifest(
+    shards: list[dict],
+    *,
+    seq_len: int,
+    vocab_size: int,
+    tokenizer_fingerprint: str,
+    packing: str,
+    num_documents: int,
+    dropped_tokens: int,
+    extra: Optional[dict] = None,
+) -> dict:
+    """The manifest of a split made of `shards` (entries from `write_shard`), in a fixed key order."""
+    num_sequences = sum(s["num_sequences"] for s in shards)
+    num_tokens = sum(s["num_tokens"] for s in shards)
+    return {
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "dtype": token_dtype(vocab_size).name,
+        "vocab_size": vocab_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "packing": packing,
+        "num_sequences": num_sequences,
+        "num_tokens": num_tokens,
+        "num_padding_tokens": num_sequences * (seq_len + 1) - num_tokens,
+        "num_documents": num_documents,
+        "dropped_tokens": dropped_tokens,
+        "shards": shards,
+        "extra": dict(extra or {}),
+    }
 
 
 class ShardWriter:
-    """Write packed sequences into shards of `shard_sequences` rows, then the manifest.
+    """Write packed rows one at a time into shards of `shard_sequences` rows, then the manifest.
 
     Use: `write()` every row, then `close(num_documents, dropped_tokens)` once. A stale manifest.json in
-    `out_dir` is deleted first, since its shards are about to be overwritten.
+    `out_dir` is deleted first, since its shards are about to be overwritten. (`data.prepare` writes whole
+    work units with `write_shard` instead; this is the simple interface for rows produced one by one.)
     """
 
     def __init__(
@@ -99,27 +163,28 @@ class ShardWriter:
         shard_sequences: int,
         tokenizer_fingerprint: str,
         extra: Optional[dict] = None,
+        packing: str = "concat",
     ) -> None:
         if shard_sequences <= 0:
             raise ValueError(f"shard_sequences={shard_sequences} must be positive.")
-        self.out_dir = out_dir
+        self.out_dir = str(out_dir)
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.shard_sequences = shard_sequences
         self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.packing = packing
         self.extra = dict(extra or {})
-        self.dtype = token_dtype(vocab_size)
         self.num_sequences = 0
         self._shards: list[dict] = []
-        self._open: Optional[_OpenShard] = None
+        self._pending: list[PackedSequence] = []
         self._closed = False
-        os.makedirs(out_dir, exist_ok=True)
-        manifest = os.path.join(out_dir, MANIFEST)
+        os.makedirs(self.out_dir, exist_ok=True)
+        manifest = os.path.join(self.out_dir, MANIFEST)
         if os.path.exists(manifest):
             os.remove(manifest)
 
     def write(self, seq: PackedSequence) -> None:
-        """Append one row; shards are finished as they fill up."""
+        """Append one row; shards are written as they fill up."""
         if self._closed:
             raise RuntimeError("ShardWriter.write() after close().")
         tokens = np.asarray(seq.tokens)
@@ -128,179 +193,159 @@ class ShardWriter:
                 f"sequence #{self.num_sequences} has shape {tokens.shape}, expected ({self.seq_len + 1},) "
                 "(seq_len + 1): the packer and the writer must use the same seq_len."
             )
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.vocab_size:
-            bad = high if high >= self.vocab_size else low
-            raise DataError(
-                f"sequence #{self.num_sequences} holds token id {bad}, outside [0, {self.vocab_size}) "
-                f"(vocab_size): the data was tokenized with a different tokenizer than the one whose "
-                "vocab_size was given to ShardWriter."
-            )
-        doc_starts = np.asarray(seq.doc_starts, dtype=np.int32)
-
-        if self._open is None:
-            self._open = self._open_shard()
-        shard = self._open
-        row = tokens.astype(self.dtype).tobytes()
-        shard.tokens.write(row)
-        shard.sha256.update(row)
-        shard.docs.write(doc_starts.tobytes())
-        shard.offsets.append(shard.offsets[-1] + len(doc_starts))
+        check_token_range(tokens[None, :], self.vocab_size, first_row=self.num_sequences)
+        self._pending.append(seq)
         self.num_sequences += 1
-        if shard.num_sequences == self.shard_sequences:
-            self._finish_shard()
+        if len(self._pending) == self.shard_sequences:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"shard_{len(self._shards):05d}"
+        rows = PackedRows.from_sequences(self._pending, self.seq_len + 1)
+        self._shards.append(write_shard(self.out_dir, name, rows, self.vocab_size))
+        self._pending = []
 
     def close(self, num_documents: int, dropped_tokens: int = 0) -> dict:
-        """Finish the last shard and write manifest.json (atomically, last); return the manifest."""
+        """Write the last shard and manifest.json (atomically, last); return the manifest."""
         if self._closed:
             raise RuntimeError("ShardWriter.close() called twice.")
-        if self._open is not None:
-            self._finish_shard()
+        if self._pending:
+            self._flush()
         self._closed = True
-        manifest = {
-            "format": FORMAT,
-            "seq_len": self.seq_len,
-            "dtype": self.dtype.name,
-            "vocab_size": self.vocab_size,
-            "tokenizer_fingerprint": self.tokenizer_fingerprint,
-            "num_sequences": self.num_sequences,
-            "num_tokens": self.num_sequences * (self.seq_len + 1),
-            "num_documents": num_documents,
-            "dropped_tokens": dropped_tokens,
-            "shards": self._shards,
-            "extra": self.extra,
-        }
-        _write_json_atomic(os.path.join(self.out_dir, MANIFEST), manifest)
+        manifest = build_manifest(
+            self._shards,
+            seq_len=self.seq_len,
+            vocab_size=self.vocab_size,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            packing=self.packing,
+            num_documents=num_documents,
+            dropped_tokens=dropped_tokens,
+            extra=self.extra,
+        )
+        write_json_atomic(os.path.join(self.out_dir, MANIFEST), manifest)
         return manifest
 
-    def _open_shard(self) -> _OpenShard:
-        name = f"shard_{len(self._shards):05d}"
-        tokens_file, docs_file, _ = _shard_files(self.out_dir, name)
-        return _OpenShard(
-            name=name, tokens=open(tokens_file + ".tmp", "wb"), docs=open(docs_file + ".tmp", "wb")
-        )
 
-    def _finish_shard(self) -> None:
-        shard = self._open
-        assert shard is not None
-        tokens_file, docs_file, offsets_file = _shard_files(self.out_dir, shard.name)
-        with open(offsets_file + ".tmp", "wb") as f:
-            f.write(np.asarray(shard.offsets, dtype=np.int64).tobytes())
-        for handle in (shard.tokens, shard.docs):
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
-        for path in (tokens_file, docs_file, offsets_file):
-            os.replace(path + ".tmp", path)
-        self._shards.append(
-            {"name": shard.name, "num_sequences": shard.num_sequences, "sha256": shard.sha256.hexdigest()}
+def read_manifest(path: str) -> dict:
+    """The validated manifest.json of the split directory `path`."""
+    manifest_file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise DataError(f"no {MANIFEST} in {path}: run `python -m data.prepare` first.")
+    redo = f"delete {path} and run `python -m data.prepare` again"
+    try:
+        with open(manifest_file, encoding="utf-8") as f:
+            manifest = json.load(f)
+        missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        if manifest["format"] != FORMAT:
+            raise ValueError(f"format {manifest['format']!r} is not {FORMAT!r}")
+        if manifest["dtype"] not in ("uint16", "uint32"):
+            raise ValueError(f"unknown dtype {manifest['dtype']!r}")
+        sizes = [int(s["num_sequences"]) for s in manifest["shards"]]
+        [str(s["name"]) for s in manifest["shards"]]
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{manifest_file} is malformed ({e}): {redo}.") from None
+    if sum(sizes) != manifest["num_sequences"]:
+        raise DataError(
+            f"{manifest_file}: num_sequences={manifest['num_sequences']} but the shards hold {sum(sizes)}: {redo}."
         )
-        self._open = None
+    return manifest
 
 
 class ShardDataset:
-    """Random access to the packed sequences of a prepared split directory (read-only, memory-mapped).
+    """Random access to the packed rows of a prepared split directory (read-only, memory-mapped).
 
     Shards are memory-mapped on first use, so opening is instant and only touched pages are read.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        manifest_file = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest_file):
-            raise DataError(f"no {MANIFEST} in {path}: run `python -m data.prepare` first.")
-        try:
-            with open(manifest_file, encoding="utf-8") as f:
-                manifest = json.load(f)
-            missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-            if missing:
-                raise ValueError(f"missing keys {missing}")
-            if manifest["format"] != FORMAT:
-                raise ValueError(f"format {manifest['format']!r} is not {FORMAT!r}")
-            if manifest["dtype"] not in ("uint16", "uint32"):
-                raise ValueError(f"unknown dtype {manifest['dtype']!r}")
-            sizes = [int(s["num_sequences"]) for s in manifest["shards"]]
-            names = [str(s["name"]) for s in manifest["shards"]]
-        except (ValueError, TypeError, KeyError) as e:
-            raise DataError(
-                f"{manifest_file} is malformed ({e}): delete {path} and run `python -m data.prepare` again."
-            ) from None
-        if sum(sizes) != manifest["num_sequences"]:
-            raise DataError(
-                f"{manifest_file}: num_sequences={manifest['num_sequences']} but the shards hold {sum(sizes)}:"
-                f" delete {path} and run `python -m data.prepare` again."
-            )
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        manifest = read_manifest(self.path)
         self.manifest: dict = manifest
         self.seq_len: int = int(manifest["seq_len"])
+        self.row_len = self.seq_len + 1
         self.dtype = np.dtype(manifest["dtype"])
-        self._names = names
-        self._sizes = sizes
-        self._starts = np.cumsum([0, *sizes])  # global index of each shard's first row
+        self._names = [str(s["name"]) for s in manifest["shards"]]
+        self._sizes = [int(s["num_sequences"]) for s in manifest["shards"]]
+        self._starts = np.cumsum([0, *self._sizes])  # global index of each shard's first row
         self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for name, n in zip(names, sizes):
+        for name, n in zip(self._names, self._sizes):
             self._check_sizes(name, n)
 
     def _check_sizes(self, name: str, n: int) -> None:
-        tokens_file, docs_file, offsets_file = _shard_files(self.path, name)
-        expected = {tokens_file: n * (self.seq_len + 1) * self.dtype.itemsize, offsets_file: (n + 1) * 8}
-        for file, size in expected.items():
-            if not os.path.isfile(file):
+        paths = shard_paths(self.path, name)
+        expected = {paths["tokens"]: n * self.row_len * self.dtype.itemsize, paths["offsets"]: (n + 1) * 8}
+        for kind in SHARD_FILES:
+            if not os.path.isfile(paths[kind]):
                 raise DataError(
-                    f"{file} is missing: delete {self.path} and run `python -m data.prepare` again."
+                    f"{paths[kind]} is missing: delete {self.path} and run `python -m data.prepare` again."
                 )
+        for file, size in expected.items():
             if os.path.getsize(file) != size:
                 raise DataError(
                     f"{file} has {os.path.getsize(file)} bytes, the manifest implies {size}: the shard is "
                     f"truncated or stale; delete {self.path} and run `python -m data.prepare` again."
                 )
-        if not os.path.isfile(docs_file):
-            raise DataError(
-                f"{docs_file} is missing: delete {self.path} and run `python -m data.prepare` again."
-            )
 
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if k not in self._maps:
-            tokens_file, docs_file, offsets_file = _shard_files(self.path, self._names[k])
+            paths = shard_paths(self.path, self._names[k])
             n = self._sizes[k]
-            tokens = np.memmap(tokens_file, dtype=self.dtype, mode="r", shape=(n, self.seq_len + 1))
-            offsets = np.fromfile(offsets_file, dtype=np.int64)
-            docs = (
-                np.memmap(docs_file, dtype=np.int32, mode="r")
-                if os.path.getsize(docs_file)
+            # Plain ndarray views of the maps: slicing an np.memmap runs Python code on every access.
+            tokens = np.memmap(paths["tokens"], dtype=self.dtype, mode="r", shape=(n, self.row_len))
+            tokens = tokens.view(np.ndarray)
+            offsets = np.fromfile(paths["offsets"], dtype=np.int64)
+            bounds = (
+                np.memmap(paths["bounds"], dtype=np.int32, mode="r").view(np.ndarray)
+                if os.path.getsize(paths["bounds"])
                 else np.zeros(0, dtype=np.int32)
             )
-            self._maps[k] = (tokens, docs, offsets)
+            self._maps[k] = (tokens, bounds, offsets)
         return self._maps[k]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def take(self, indices: np.ndarray | list[int]) -> PackedRows:
+        """The rows at `indices` (any order, repeats allowed) as arrays; tokens are int64."""
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        if len(indices) and (indices.min() < 0 or indices.max() >= n):
+            bad = int(indices.min() if indices.min() < 0 else indices.max())
+            raise IndexError(f"index {bad} out of range for a dataset of {n} sequences ({self.path}).")
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        tokens = np.empty((len(indices), self.row_len), dtype=np.int64)
+        bounds: list[np.ndarray] = []
+        for j, (k, i) in enumerate(zip(shard_of.tolist(), indices.tolist())):
+            shard_tokens, shard_bounds, offsets = self._shard(k)
+            row = i - int(self._starts[k])
+            tokens[j] = shard_tokens[row]
+            bounds.append(shard_bounds[offsets[row] : offsets[row + 1]])
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in bounds], out=offsets[1:])
+        flat = np.concatenate(bounds).astype(np.int32) if bounds else np.zeros(0, dtype=np.int32)
+        return PackedRows(tokens, flat, offsets)
+
     def __getitem__(self, i: int) -> PackedSequence:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} sequences ({self.path}).")
-        i = int(i) % n
-        k = int(np.searchsorted(self._starts, i, side="right")) - 1
-        row = i - int(self._starts[k])
-        tokens, docs, offsets = self._shard(k)
-        return PackedSequence(
-            tokens=np.asarray(tokens[row], dtype=np.int64),
-            doc_starts=np.array(docs[offsets[row] : offsets[row + 1]], dtype=np.int32),
-        )
+        return self.take([int(i) % n]).row(0)
 
     def verify(self) -> None:
-        """Recompute every shard's sha256 and compare with the manifest (reads all the token data)."""
+        """Recompute every shard file's sha256 and compare with the manifest (reads all the data)."""
         for entry in self.manifest["shards"]:
-            tokens_file = _shard_files(self.path, entry["name"])[0]
-            digest = hashlib.sha256()
-            with open(tokens_file, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
-                raise DataError(
-                    f"shard {entry['name']} ({tokens_file}) is corrupt: its sha256 does not match the "
-                    f"manifest. Delete {self.path} and run `python -m data.prepare` again."
-                )
+            for kind, path in shard_paths(self.path, entry["name"]).items():
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                if digest.hexdigest() != entry["sha256"][kind]:
+                    raise DataError(
+                        f"shard {entry['name']} ({path}) is corrupt: its sha256 does not match the "
+                        f"manifest. Delete {self.path} and run `python -m data.prepare` again."
+                    )
 
     def __getstate__(self) -> dict:
         # Memory maps are not pickled: a copy sent to a worker process maps the files itself.

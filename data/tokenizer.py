@@ -1,10 +1,18 @@
 """The tokenizer: a thin wrapper around a HuggingFace `tokenizers.Tokenizer` (a tokenizer.json).
 
 Pre-training needs only a few things from a tokenizer: text -> ids without any added special tokens,
-the id that separates documents (EOS), and a fingerprint so that shards tokenized with one tokenizer are
-never trained with another. `load_tokenizer` reads any tokenizer.json (GPT-2, Llama, Qwen, Mistral ...)
-and picks the document separator; `train_bpe` trains a small byte-level BPE on the corpus for models
-trained from scratch. `Tokenizer.save` writes files that `transformers.AutoTokenizer` loads offline.
+the ids that delimit documents (EOS, and BOS for families that use one), and a fingerprint so that shards
+tokenized with one tokenizer are never trained with another. `load_tokenizer` reads any tokenizer.json
+(GPT-2, Llama, Qwen, Mistral ...) or a GPT-2 style `encoder.json` + `vocab.bpe` pair, and decides the
+BOS/EOS policy; `train_bpe` trains a small byte-level BPE on the corpus for models trained from scratch.
+`Tokenizer.save` writes files that `transformers.AutoTokenizer` loads offline.
+
+The BOS/EOS policy is explicit, because its mistakes are silent: a document framed twice with BOS (the
+tokenizer's post-processor adding one and the pipeline another), a chat end-of-turn token used as the
+document separator, or no separator at all all train fine and give a worse model. Text is always encoded
+without the tokenizer's own special tokens (`add_special_tokens=False`); the packer then frames every
+document as `[BOS] + ids + [EOS]` following `Tokenizer.add_bos` / `Tokenizer.add_eos`, and
+`Tokenizer.policy` says (and `prepare` logs) exactly what was chosen and why.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
-from data.sources import DataError
+from data.report import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,9 @@ class Tokenizer:
         eos_token: str,
         bos_token: Optional[str] = None,
         split_special_tokens: bool = True,
+        add_bos: bool = False,
+        add_eos: bool = True,
+        policy_notes: Optional[list[str]] = None,
     ) -> None:
         self._tok = tokenizer
         self._tok.encode_special_tokens = split_special_tokens
@@ -58,7 +69,31 @@ class Tokenizer:
         self._bos_token = bos_token
         self._eos_id = self._id_of(eos_token, "eos")
         self._bos_id = None if bos_token is None else self._id_of(bos_token, "bos")
+        if add_bos and bos_token is None:
+            raise DataError(
+                "add_bos is set but the tokenizer has no BOS token: set data.tokenizer.bos_token to one of its "
+                "special tokens, or data.tokenizer.add_bos=false."
+            )
+        self.add_bos = add_bos
+        """Put BOS before every document."""
+        self.add_eos = add_eos
+        """Put EOS after every document."""
+        self.policy_notes = list(policy_notes or [])
+        """Why the separator tokens and flags are what they are (logged by `prepare`)."""
         self._fingerprint: Optional[str] = None
+
+    def __getstate__(self) -> dict:
+        # `encode_special_tokens` is not part of tokenizers' own pickled state: keep the JSON and set it again.
+        state = self.__dict__.copy()
+        state["_tok"] = self._tok.to_str()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        tok = tokenizers.Tokenizer.from_str(state["_tok"])
+        tok.encode_special_tokens = state["split_special_tokens"]
+        state["_tok"] = tok
+        self.__dict__.update(state)
 
     def _id_of(self, token: str, role: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -92,6 +127,39 @@ class Tokenizer:
     @property
     def bos_token(self) -> Optional[str]:
         return self._bos_token
+
+    @property
+    def document_bos_id(self) -> Optional[int]:
+        """The id the packer puts before each document (None: nothing)."""
+        return self._bos_id if self.add_bos else None
+
+    @property
+    def document_eos_id(self) -> Optional[int]:
+        """The id the packer puts after each document (None: nothing)."""
+        return self._eos_id if self.add_eos else None
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        """The BOS/EOS policy as plain values (stored in manifests, part of the prepared-data fingerprint)."""
+        return {
+            "bos_token": self._bos_token,
+            "bos_id": self._bos_id,
+            "eos_token": self._eos_token,
+            "eos_id": self._eos_id,
+            "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
+        }
+
+    def describe_policy(self) -> str:
+        """One line for the log: how a document is framed, and why."""
+        parts = (
+            ([self._bos_token] if self.add_bos else [])
+            + ["text"]
+            + ([self._eos_token] if self.add_eos else [])
+        )
+        framing = " + ".join(repr(p) if p != "text" else p for p in parts)
+        notes = "; ".join(self.policy_notes)
+        return f"each document = {framing}" + (f" ({notes})" if notes else "")
 
     @property
     def fingerprint(self) -> str:
@@ -142,7 +210,7 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}:{self.eos_id}, "
-            f"bos={self.bos_token!r}:{self.bos_id})"
+            f"bos={self.bos_token!r}:{self.bos_id}, add_bos={self.add_bos}, add_eos={self.add_eos})"
         )
 
 
@@ -161,37 +229,102 @@ def _token_content(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def _resolve_tokenizer_file(path: str) -> str:
+# GPT-2 style vocabularies without a tokenizer.json: (vocabulary, merges) file names, OpenAI's and HF's.
+BPE_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether `path` is a tokenizer.json or a directory that `load_tokenizer` can load."""
+    if os.path.isfile(path):
+        return True
+    return os.path.isfile(os.path.join(path, "tokenizer.json")) or any(
+        all(os.path.isfile(os.path.join(path, f)) for f in pair) for pair in BPE_FILE_PAIRS
+    )
+
+
+def _resolve_tokenizer_files(path: str) -> tuple[str, Optional[tuple[str, str]]]:
+    """(the file that names the tokenizer, and the (vocab, merges) pair when it is a GPT-2 style directory)."""
     if os.path.isdir(path):
         file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
-            raise DataError(
-                f"no tokenizer.json in directory {path}: give the directory of a HuggingFace tokenizer "
-                "(or its tokenizer.json), or set data.tokenizer.train=true to train one there."
-            )
-        return file
+        if os.path.isfile(file):
+            return file, None
+        for vocab, merges in BPE_FILE_PAIRS:
+            pair = (os.path.join(path, vocab), os.path.join(path, merges))
+            if os.path.isfile(pair[0]) and os.path.isfile(pair[1]):
+                return pair[0], pair
+        raise DataError(
+            f"no tokenizer.json (nor encoder.json + vocab.bpe) in directory {path}: give the directory of a "
+            "HuggingFace tokenizer (or its tokenizer.json), or set data.tokenizer.train=true to train one there."
+        )
     if os.path.isfile(path):
-        return path
+        return path, None
     raise DataError(
         f"tokenizer path {path} does not exist: give a directory holding tokenizer.json or the file "
         "itself, or set data.tokenizer.train=true to train one there."
     )
 
 
-def load_tokenizer(path: str, split_special_tokens: bool = True) -> Tokenizer:
-    """Load a tokenizer.json (or a directory holding one) and choose its document separator.
+def _byte_level_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
+    """GPT-2's tokenizer from its vocabulary (token -> id JSON) and merges (one pair per line) files.
+
+    The same pipeline as GPT-2's reference encoder: its regex pre-split on bytes mapped to printable
+    characters, no prefix space, and <|endoftext|> (already id 50256 in GPT-2's vocabulary) as the only
+    special token.
+    """
+    try:
+        vocab, merges = models.BPE.read_file(vocab_file, merges_file)
+        tok = tokenizers.Tokenizer(models.BPE(vocab, merges))
+    except Exception as e:
+        raise DataError(f"{vocab_file} + {merges_file}: not a GPT-2 style BPE vocabulary ({e}).") from e
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if TRAINED_EOS in vocab:
+        tok.add_special_tokens([AddedToken(TRAINED_EOS, special=True)])
+    return tok
+
+
+def _own_special_ids(tok: tokenizers.Tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the tokenizer's own post-processor puts before and after a text (Llama's adds BOS, say)."""
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    return [], []
+
+
+def load_tokenizer(
+    path: str,
+    split_special_tokens: bool = True,
+    *,
+    eos_token: Optional[str] = None,
+    bos_token: Optional[str] = None,
+    add_bos: Optional[bool] = None,
+    add_eos: bool = True,
+) -> Tokenizer:
+    """Load a tokenizer and decide its BOS/EOS policy.
+
+    `path` is a tokenizer.json, a directory holding one, or a GPT-2 style directory (encoder.json +
+    vocab.bpe, or vocab.json + merges.txt). The keyword arguments override the choices below (they are
+    `data.tokenizer.eos_token` etc.).
 
     EOS: the `eos_token` of a tokenizer_config.json next to the file, unless it is a chat end-of-turn
     token (Qwen's <|im_end|>, Llama-3-Instruct's <|eot_id|>); else the first of EOS_CANDIDATES that is
     an added (special) token; else the configured eos_token even if chat-only. BOS likewise, else None.
     Candidates must be added tokens because big BPE vocabularies also hold "<s>" and "</s>" as ordinary
     text pieces (Qwen3 does), which would never be emitted as a separator by the HF tokenizer.
+    add_bos (when not given): true if tokenizer_config.json says `add_bos_token: true` or the tokenizer's
+    own post-processor puts BOS first (what the model family was trained with).
     """
-    file = _resolve_tokenizer_file(path)
-    try:
-        tok = tokenizers.Tokenizer.from_file(file)
-    except Exception as e:
-        raise DataError(f"{file}: not a valid tokenizer.json ({e}).") from e
+    file, bpe_pair = _resolve_tokenizer_files(path)
+    if bpe_pair is not None:
+        tok = _byte_level_bpe(*bpe_pair)
+    else:
+        try:
+            tok = tokenizers.Tokenizer.from_file(file)
+        except Exception as e:
+            raise DataError(f"{file}: not a valid tokenizer.json ({e}).") from e
 
     config: dict[str, Any] = {}
     config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
@@ -205,21 +338,74 @@ def load_tokenizer(path: str, split_special_tokens: bool = True) -> Tokenizer:
     def in_vocab(token: Optional[str]) -> bool:
         return token is not None and tok.token_to_id(token) is not None
 
+    notes: list[str] = []
     added = {t.content for t in tok.get_added_tokens_decoder().values()}
     config_eos = _token_content(config.get("eos_token"))
-    eos = config_eos if in_vocab(config_eos) and config_eos not in CHAT_ONLY_TOKENS else None
-    eos = eos or next((t for t in EOS_CANDIDATES if t in added), None)
-    eos = eos or (config_eos if in_vocab(config_eos) else None)
+    if eos_token is not None:
+        if not in_vocab(eos_token):
+            raise DataError(f"data.tokenizer.eos_token={eos_token!r} is not in the vocabulary of {file}.")
+        eos = eos_token
+        notes.append("EOS set by data.tokenizer.eos_token")
+    else:
+        eos = config_eos if in_vocab(config_eos) and config_eos not in CHAT_ONLY_TOKENS else None
+        if eos is not None:
+            notes.append("EOS from tokenizer_config.json")
+        else:
+            eos = next((t for t in EOS_CANDIDATES if t in added), None)
+            if eos is not None and config_eos in CHAT_ONLY_TOKENS:
+                notes.append(f"EOS {eos!r}, not the chat end-of-turn {config_eos!r} of tokenizer_config.json")
+            elif eos is not None:
+                notes.append(f"EOS {eos!r} is the tokenizer's end-of-document special token")
+        if eos is None and in_vocab(config_eos):
+            eos = config_eos
+            notes.append(f"EOS {eos!r} is chat-only but the only candidate")
     if eos is None:
         raise DataError(
             f"{file}: found no document separator: none of {EOS_CANDIDATES} is a special token and "
-            f"{config_file} names no eos_token. Add an eos_token to tokenizer_config.json."
+            f"{config_file} names no eos_token. Add an eos_token to tokenizer_config.json "
+            "(or set data.tokenizer.eos_token)."
         )
 
-    config_bos = _token_content(config.get("bos_token"))
-    bos = config_bos if in_vocab(config_bos) else None
-    bos = bos or next((t for t in BOS_CANDIDATES if t in added), None)
-    return Tokenizer(tok, eos_token=eos, bos_token=bos, split_special_tokens=split_special_tokens)
+    if bos_token is not None:
+        if not in_vocab(bos_token):
+            raise DataError(f"data.tokenizer.bos_token={bos_token!r} is not in the vocabulary of {file}.")
+        bos: Optional[str] = bos_token
+    else:
+        config_bos = _token_content(config.get("bos_token"))
+        bos = config_bos if in_vocab(config_bos) else None
+        bos = bos or next((t for t in BOS_CANDIDATES if t in added), None)
+
+    prefix, suffix = _own_special_ids(tok)
+    bos_id = None if bos is None else tok.token_to_id(bos)
+    if add_bos is not None:
+        notes.append(f"add_bos={add_bos} set by data.tokenizer.add_bos")
+    elif bos is None:
+        add_bos = False
+        notes.append("no BOS: the tokenizer has none")
+    elif config.get("add_bos_token") is True:
+        add_bos = True
+        notes.append("BOS because tokenizer_config.json has add_bos_token=true")
+    elif prefix == [bos_id]:
+        add_bos = True
+        notes.append("BOS because the tokenizer's post-processor adds it")
+    else:
+        add_bos = False
+        notes.append(f"no BOS: the tokenizer has {bos!r} but does not add it")
+    if prefix or suffix:
+        # Never both: text is encoded without the tokenizer's own specials, the packer frames documents.
+        own = [tok.id_to_token(i) for i in prefix] + ["text"] + [tok.id_to_token(i) for i in suffix]
+        notes.append(f"its own post-processor ({' + '.join(own)}) is not applied")
+    if not add_eos:
+        notes.append("add_eos=false: documents are not separated by any token")
+    return Tokenizer(
+        tok,
+        eos_token=eos,
+        bos_token=bos,
+        split_special_tokens=split_special_tokens,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        policy_notes=notes,
+    )
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str, show_progress: bool = True) -> Tokenizer:

@@ -306,6 +306,10 @@ class Config:
                 "mixture-of-experts models train with data parallelism (FSDP) only for now: set parallel.tp=1 and "
                 "parallel.pp=1."
             )
+        if p.pp > 1 and self.data.document_masking:
+            raise ConfigError(
+                "data.document_masking=true is not carried between pipeline stages yet: set it to false or parallel.pp=1."
+            )
         if p.pp > 1:
             stages = p.pp * p.stages_per_rank
             if stages > m.n_layers:

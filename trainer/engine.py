@@ -122,7 +122,7 @@ class Engine:
         return out
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return model_inputs(batch, self.device)
+        return model_inputs(batch, self.device, self.cfg.data.document_masking)
 
     def _pipeline_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         pipe = self.pipeline
@@ -254,9 +254,18 @@ class Engine:
         return model.to(self.device)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The model's keyword arguments for a batch (the one place that decides what the model sees)."""
-    return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device)}
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a batch (the one place that decides what the model sees).
+
+    With document masking the model gets each token's document, attends within it, and numbers
+    positions from each document's start; otherwise plain causal attention over the packed row.
+    """
+    inputs = {"input_ids": batch["input_ids"].to(device)}
+    if document_masking:
+        inputs["document_ids"] = batch["document_ids"].to(device)
+    else:
+        inputs["position_ids"] = batch["position_ids"].to(device)
+    return inputs
 
 
 def _send_tensor(t: torch.Tensor, dst: int) -> None:

@@ -24,9 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data.loader import Loader, eval_batches
+from data.pipeline import build_train_loader, build_val_batches
 from data.prepare import ensure_tokenizer, prepare
-from data.shards import ShardDataset
 from data.sources import DataError
 from data.tokenizer import Tokenizer
 from trainer import checkpoint as ckpt
@@ -115,16 +114,11 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
 
     # -- data: tokenizer and packed shards (prepared once, reused afterwards) --
     tokenizer = prepare_data(cfg, dims)
-    train_set = ShardDataset(Path(cfg.data.prepared_dir) / "train")
-    val_set = ShardDataset(Path(cfg.data.prepared_dir) / "val")
-    loader = Loader(
-        train_set,
-        cfg.trainer.micro_batch_size,
-        seed=cfg.data.seed,
-        shuffle=cfg.data.shuffle,
-        dp_rank=dims.dp_rank,
-        dp_world_size=dims.dp_size,
+    # One prepared dataset, a weighted mixture, or online tokenization: the data package decides.
+    loader = build_train_loader(
+        cfg.data, tokenizer, cfg.trainer.micro_batch_size, dp_rank=dims.dp_rank, dp_world_size=dims.dp_size
     )
+    val_batches = build_val_batches(cfg.data, tokenizer, cfg.eval.batch_size, cfg.eval.max_batches)
 
     # -- model: built whole on every rank from the same seed, then split by the parallel layout --
     cfg.model.with_vocab(tokenizer.vocab_size)
@@ -177,14 +171,13 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     )
     logger.info(
         "batch: %d tokens per step = micro-batch %d x seq_len %d x grad-accumulation %d x data-parallel %d | "
-        "train %s sequences, val %s",
+        "train data: %s",
         cfg.trainer.global_batch_tokens,
         cfg.trainer.micro_batch_size,
         cfg.data.seq_len,
         accum,
         dims.dp_size,
-        f"{len(train_set):,}",
-        f"{len(val_set):,}",
+        loader.describe(),
     )
 
     def log(at_step: int, record: dict[str, Any], kind: str) -> None:
@@ -192,7 +185,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             metrics.log(at_step, record, kind=kind)
 
     def validate(at_step: int) -> dict[str, float]:
-        result = engine.evaluate(eval_batches(val_set, cfg.eval.batch_size, cfg.eval.max_batches))
+        result = engine.evaluate(val_batches)
         log(at_step, {"loss": result["loss"], "perplexity": result["perplexity"]}, "val")
         logger.info(
             "step %d | val loss %.4f | val perplexity %.2f", at_step, result["loss"], result["perplexity"]
@@ -297,6 +290,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             _export_and_sample(cfg, full_model, tokenizer, result)
         del full_model
         log(step, {f"sample_{i}": s for i, s in enumerate(result.samples.values())}, "samples")
+    loader.close()  # stops its prefetch thread / online workers
     if metrics is not None:
         metrics.close()
     result.wall_seconds = time.perf_counter() - started

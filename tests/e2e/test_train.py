@@ -122,3 +122,25 @@ def test_export_tool_turns_a_checkpoint_into_the_same_hf_folder(shared_output_ro
     assert (tmp_path / "hf" / "tokenizer.json").read_text() == (result.hf_dir / "tokenizer.json").read_text()
     assert export_main([str(tmp_path), str(tmp_path / "hf2")]) == 2  # not a checkpoint: clear error, no export
     assert not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("best_fit_masked", ["data.packing=best_fit", "data.document_masking=true"]),
+        ("online", ["data.mode=online"]),
+    ],
+)
+def test_packing_modes_train_and_resume_through_the_trainer(shared_output_root, name, overrides):
+    """Best-fit packing with document masking, and online tokenization, run end to end and resume exactly."""
+    straight = run(compose_config(*tiny_overrides(shared_output_root, f"{name}_a", "trainer.max_steps=4",
+                                                   "trainer.export_hf=false", *overrides)))
+    stopped = compose_config(*tiny_overrides(shared_output_root, f"{name}_b", "trainer.max_steps=4",
+                                             "trainer.exit_at_step=2", "trainer.export_hf=false", *overrides))
+    run(stopped)
+    resumed = run(stopped)
+    a = {r["step"]: r["loss"] for r in read_metrics(straight.run_dir, "train")}
+    b = {r["step"]: r["loss"] for r in read_metrics(resumed.run_dir, "train")}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)
+    assert straight.final_val_loss < straight.initial_val_loss

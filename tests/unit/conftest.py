@@ -1,7 +1,8 @@
 """Shared fixtures of the data pipeline tests: the real corpora of the repo and a small trained tokenizer.
 
 Everything is real: the Shakespeare corpus shipped in data/corpora, CPython's own standard library
-sources, and a byte-level BPE trained on ~300 KB of both (vocab 1024, well under a second).
+sources, a byte-level BPE trained on ~300 KB of both (vocab 1024, well under a second), and the real
+Qwen3 and GPT-2 tokenizers copied into tests/assets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from data.tokenizer import Tokenizer, train_bpe
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "data" / "corpora" / "shakespeare.jsonl.zst"
 QWEN3_DIR = REPO / "tests" / "assets" / "tokenizers" / "qwen3"
+GPT2_DIR = REPO / "tests" / "assets" / "tokenizers" / "gpt2"
 STDLIB = sysconfig.get_paths()["stdlib"]
 
 
@@ -79,3 +81,26 @@ def small_tokenizer(
 def qwen3_dir() -> str:
     """The real Qwen3 tokenizer (Apache-2.0), copied into tests/assets."""
     return str(QWEN3_DIR)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir() -> str:
+    """The real GPT-2 vocabulary (encoder.json + vocab.bpe, MIT), copied into tests/assets."""
+    return str(GPT2_DIR)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, small_tokenizer: Tokenizer) -> str:
+    """`small_tokenizer` saved to a directory, for configs and subprocesses that load it by path."""
+    path = tmp_path_factory.mktemp("tokdir") / "bpe"
+    small_tokenizer.save(str(path))
+    return str(path)
+
+
+def write_jsonl(path: Path, docs: list[Document]) -> str:
+    """Documents as a plain .jsonl file of {"id", "text"} records."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs), encoding="utf-8")
+    return str(path)

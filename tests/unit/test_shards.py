@@ -1,4 +1,5 @@
-"""data.shards: the packed-v1 format round trip, dtype choice, integrity checks and atomic writes."""
+"""data.shards: the packed-v2 format round trip (padded rows included), dtype choice, integrity checks and
+atomic writes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.packing import ConcatPacker, PackedSequence
-from data.shards import ShardDataset, ShardWriter
+from data.packing import ConcatPacker, PackedSequence, pack_documents
+from data.shards import ShardDataset, ShardWriter, build_manifest, write_shard
 from data.sources import DataError
 from data.tokenizer import Tokenizer
 
@@ -39,14 +40,17 @@ def _write(
 
 def test_round_trip(tmp_path: Path, rows: list[PackedSequence]) -> None:
     manifest = _write(tmp_path, rows)
-    assert manifest["format"] == "packed-v1"
+    assert manifest["format"] == "packed-v2"
     assert manifest["num_sequences"] == 45 and manifest["num_tokens"] == 45 * (SEQ_LEN + 1)
+    assert manifest["num_padding_tokens"] == 0 and manifest["packing"] == "concat"
+    assert all(set(s["sha256"]) == {"tokens", "bounds", "offsets"} for s in manifest["shards"])
     assert (manifest["num_documents"], manifest["dropped_tokens"]) == (3, 7)
     assert [s["name"] for s in manifest["shards"]] == [f"shard_{k:05d}" for k in range(5)]
     assert [s["num_sequences"] for s in manifest["shards"]] == [10, 10, 10, 10, 5]
     assert manifest["extra"] == {"note": "test"}
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert len(os.listdir(tmp_path)) == 5 * 3 + 1
 
     ds = ShardDataset(str(tmp_path))
     assert len(ds) == 45 and ds.seq_len == SEQ_LEN and ds.manifest == manifest
@@ -68,9 +72,10 @@ def test_format_is_plain_arrays(tmp_path: Path, rows: list[PackedSequence]) -> N
     tokens = np.fromfile(tmp_path / "shard_00001.tokens.bin", dtype=np.uint16).reshape(-1, SEQ_LEN + 1)
     np.testing.assert_array_equal(tokens, np.stack([r.tokens for r in rows[10:20]]))
     offsets = np.fromfile(tmp_path / "shard_00001.offsets.bin", dtype=np.int64)
-    docs = np.fromfile(tmp_path / "shard_00001.docs.bin", dtype=np.int32)
-    assert len(offsets) == 11 and offsets[0] == 0 and offsets[-1] == len(docs)
-    np.testing.assert_array_equal(docs[offsets[3] : offsets[4]], rows[13].doc_starts)
+    bounds = np.fromfile(tmp_path / "shard_00001.bounds.bin", dtype=np.int32)
+    assert len(offsets) == 11 and offsets[0] == 0 and offsets[-1] == len(bounds)
+    # a row's document starts, then its length (where padding would begin)
+    np.testing.assert_array_equal(bounds[offsets[3] : offsets[4]], [*rows[13].doc_starts, SEQ_LEN + 1])
 
 
 @pytest.mark.parametrize("vocab_size, dtype", [(65536, "uint16"), (65537, "uint32"), (151669, "uint32")])
@@ -99,13 +104,15 @@ def test_wrong_row_length_is_rejected(tmp_path: Path, rows) -> None:
         writer.write(rows[0])
 
 
-def test_verify_catches_a_flipped_byte(tmp_path: Path, rows) -> None:
+@pytest.mark.parametrize("kind", ["tokens", "bounds"])
+def test_verify_catches_a_flipped_byte(tmp_path: Path, rows, kind: str) -> None:
     _write(tmp_path, rows)
-    path = tmp_path / "shard_00003.tokens.bin"
+    ShardDataset(str(tmp_path)).verify()
+    path = tmp_path / f"shard_00003.{kind}.bin"
     data = bytearray(path.read_bytes())
-    data[17] ^= 0x01
+    data[2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="shard shard_00003 .* is corrupt"):
+    with pytest.raises(DataError, match=f"shard shard_00003 .*shard_00003.{kind}.bin.* is corrupt"):
         ShardDataset(str(tmp_path)).verify()
 
 
@@ -124,7 +131,7 @@ def test_missing_manifest_says_to_run_prepare(tmp_path: Path) -> None:
             lambda m: json.dumps({k: v for k, v in m.items() if k != "seq_len"}),
             "missing keys \\['seq_len'\\]",
         ),
-        (lambda m: json.dumps({**m, "format": "packed-v0"}), "format 'packed-v0'"),
+        (lambda m: json.dumps({**m, "format": "packed-v1"}), "format 'packed-v1' is not 'packed-v2'"),
         (lambda m: json.dumps({**m, "num_sequences": 44}), "num_sequences=44 but the shards hold 45"),
     ],
 )
@@ -160,3 +167,30 @@ def test_empty_split(tmp_path: Path) -> None:
     manifest = ShardWriter(str(tmp_path), SEQ_LEN, 1024, 10, "fp").close(num_documents=0)
     assert manifest["shards"] == [] and manifest["num_sequences"] == 0
     assert len(ShardDataset(str(tmp_path))) == 0
+
+
+def test_padded_rows_round_trip(tmp_path: Path, small_tokenizer: Tokenizer, shakespeare_docs) -> None:
+    ids = small_tokenizer.encode_batch([d.text[:300] for d in shakespeare_docs[:40]])
+    packed, stats = pack_documents(ids, SEQ_LEN * 4, None, small_tokenizer.eos_id, method="best_fit")
+    assert stats.padding_tokens > 0
+    entry = write_shard(str(tmp_path), "shard_x", packed, vocab_size=1024)
+    manifest = build_manifest(
+        [entry],
+        seq_len=SEQ_LEN * 4,
+        vocab_size=1024,
+        tokenizer_fingerprint="fp",
+        packing="best_fit",
+        num_documents=40,
+        dropped_tokens=0,
+    )
+    assert manifest["num_tokens"] == stats.tokens and manifest["num_padding_tokens"] == stats.padding_tokens
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    ds = ShardDataset(str(tmp_path))
+    ds.verify()
+    for i in range(len(packed)):
+        want, got = packed.row(i), ds[i]
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.doc_starts, want.doc_starts)
+        assert got.length == want.length <= SEQ_LEN * 4 + 1
+    batch = ds.take([2, 0, 2])
+    np.testing.assert_array_equal(batch.lengths, packed.lengths[[2, 0, 2]])

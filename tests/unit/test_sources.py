@@ -1,4 +1,5 @@
-"""data.sources: every file format, path expansion, and the strict errors that name file:line."""
+"""data.sources: every file format and Hugging Face datasets, path expansion, filters, and the strict errors
+that name file:line (skipping and counting bad input is tested in test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ def test_invalid_utf8_text_file_names_line(tmp_path: Path) -> None:
 def test_truncated_zst_file(tmp_path: Path, shakespeare_docs) -> None:
     data = zstandard.ZstdCompressor().compress(_jsonl_bytes(_records(shakespeare_docs, 50)))
     path = _write(tmp_path / "cut.jsonl.zst", data[: len(data) // 2])
-    with pytest.raises(DataError, match=f"{re.escape(path)}: cannot read"):
+    with pytest.raises(DataError, match=f"{re.escape(path)}:\\d+: cannot read the file past line"):
         list(iter_documents(_source(path)))
 
 
@@ -265,3 +266,114 @@ def test_max_documents_stops_early(tmp_path: Path, shakespeare_docs) -> None:
     assert len(list(iter_documents(_source(good, bad, max_documents=5)))) == 5
     with pytest.raises(DataError, match="b.jsonl:1"):
         list(iter_documents(_source(good, bad, max_documents=6)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parquet, Hugging Face datasets, plain-text splitting, filters
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parquet(path: Path, columns: dict, row_group_size: int = 64) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def test_parquet_is_read_in_record_batches(tmp_path: Path, shakespeare_docs) -> None:
+    docs = shakespeare_docs[:300]  # more rows than one record batch and several row groups
+    path = _parquet(
+        tmp_path / "scenes.parquet",
+        {"uid": [d.id for d in docs], "content": [d.text for d in docs], "n": list(range(300))},
+    )
+    got = list(iter_documents(_source(path, text_field="content", id_field="uid")))
+    assert [(d.id, d.text) for d in got] == [(d.id, d.text) for d in docs]
+    # without an id column, a row is named path:row (1-based, like lines)
+    got = list(iter_documents(_source(path, text_field="content")))
+    assert [d.id for d in got[:2]] == [f"{path}:1", f"{path}:2"]
+
+
+def test_parquet_without_the_text_column(tmp_path: Path) -> None:
+    path = _parquet(tmp_path / "x.parquet", {"body": ["a", "b"]})
+    with pytest.raises(
+        DataError, match=f"{re.escape(path)}: no column 'text' \\(columns: body\\).*text_field"
+    ):
+        list(iter_documents(_source(path)))
+
+
+def test_saved_hugging_face_dataset(tmp_path: Path, shakespeare_docs) -> None:
+    datasets = pytest.importorskip("datasets")
+    docs = shakespeare_docs[:40]
+    table = {"id": [d.id for d in docs], "text": [d.text for d in docs]}
+    datasets.Dataset.from_dict(table).save_to_disk(str(tmp_path / "single"))
+    source = SourceConfig(name="hf", hf_dataset=str(tmp_path / "single"))
+    assert [(d.id, d.text) for d in iter_documents(source)] == [(d.id, d.text) for d in docs]
+
+    both = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(table),
+            "test": datasets.Dataset.from_dict({"text": ["held out"]}),
+        }
+    )
+    both.save_to_disk(str(tmp_path / "dict"))
+    source = SourceConfig(name="hf", hf_dataset=str(tmp_path / "dict"), hf_split="test")
+    (doc,) = iter_documents(source)
+    assert doc.text == "held out" and doc.id == f"{tmp_path}/dict[test]:1"
+    with pytest.raises(DataError, match="has splits \\['train', 'test'\\], not hf_split='validation'"):
+        list(
+            iter_documents(SourceConfig(name="hf", hf_dataset=str(tmp_path / "dict"), hf_split="validation"))
+        )
+
+
+def test_streamed_load_dataset_spec(tmp_path: Path, shakespeare_docs, stdlib_docs) -> None:
+    pytest.importorskip("datasets")
+    docs = shakespeare_docs[:25]
+    path = tmp_path / "scenes.jsonl"
+    path.write_bytes(_jsonl_bytes(_records(docs, 25)))
+    source = SourceConfig(name="hf", hf_dataset="json", hf_data_files=[str(path)])
+    assert [(d.id, d.text) for d in iter_documents(source)] == [(d.id, d.text) for d in docs]
+    # the parquet builder, with a custom text column and no id column
+    pq_path = _parquet(tmp_path / "code.parquet", {"code": [d.text for d in stdlib_docs]})
+    source = SourceConfig(name="hf", hf_dataset="parquet", hf_data_files=[pq_path], text_field="code")
+    got = list(iter_documents(source))
+    assert [d.text for d in got] == [d.text for d in stdlib_docs]
+    assert got[0].id == "parquet[train]:1"
+    with pytest.raises(DataError, match="cannot open hf_dataset='no/such-dataset'"):
+        list(iter_documents(SourceConfig(name="hf", hf_dataset="no/such-dataset")))
+
+
+def test_text_split_by_line_and_paragraph(tmp_path: Path, shakespeare_docs) -> None:
+    text = "First para, line one.\nline two.\n\n\nSecond para.\n   \nThird\r\n"
+    path = _write(tmp_path / "poem.txt", text.encode())
+    lines = list(iter_documents(_source(path, text_split="line")))
+    assert [(d.text, d.id) for d in lines] == [
+        ("First para, line one.", f"{path}:1"),
+        ("line two.", f"{path}:2"),
+        ("Second para.", f"{path}:5"),
+        ("   ", f"{path}:6"),
+        ("Third", f"{path}:7"),
+    ]
+    paragraphs = list(iter_documents(_source(path, text_split="paragraph")))
+    assert [(d.text, d.id) for d in paragraphs] == [
+        ("First para, line one.\nline two.", f"{path}:1"),
+        ("Second para.", f"{path}:5"),
+        ("Third", f"{path}:7"),
+    ]
+    # a real scene split into its speeches
+    scene = _write(tmp_path / "scene.txt", shakespeare_docs[1].text.encode())
+    speeches = list(iter_documents(_source(scene, text_split="paragraph")))
+    assert len(speeches) > 10
+    assert "\n\n".join(d.text for d in speeches) == shakespeare_docs[1].text.strip("\n")
+
+
+def test_character_filters(tmp_path: Path, shakespeare_docs) -> None:
+    docs = shakespeare_docs[:60]
+    path = _write(tmp_path / "x.jsonl", _jsonl_bytes(_records(docs, 60)))
+    kept = list(iter_documents(_source(path, min_chars=2000, max_chars=6000)))
+    assert [d.id for d in kept] == [d.id for d in docs if 2000 <= len(d.text) <= 6000]
+    assert 0 < len(kept) < 60
+    # a whole-file document bigger than 4 x max_chars bytes is skipped without being read
+    big = _write(tmp_path / "big.txt", b"x" * 5000)
+    assert list(iter_documents(_source(big, max_chars=1000))) == []

@@ -1,9 +1,11 @@
-"""data.tokenizer: a trained byte-level BPE, the real Qwen3 tokenizer, EOS choice, HF compatibility."""
+"""data.tokenizer: a trained byte-level BPE, the real Qwen3 and GPT-2 tokenizers, the BOS/EOS policy, HF
+compatibility."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -190,7 +192,10 @@ def test_load_errors_name_the_path(tmp_path: Path, small_tokenizer: Tokenizer) -
     with pytest.raises(DataError, match=f"tokenizer path {tmp_path}/missing does not exist"):
         load_tokenizer(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=f"no tokenizer.json in directory {tmp_path}/empty"):
+    with pytest.raises(
+        DataError,
+        match=f"no tokenizer.json \\(nor encoder.json \\+ vocab.bpe\\) in directory {tmp_path}/empty",
+    ):
         load_tokenizer(str(tmp_path / "empty"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
@@ -201,3 +206,125 @@ def test_load_errors_name_the_path(tmp_path: Path, small_tokenizer: Tokenizer) -
     with pytest.raises(DataError, match="badconfig/tokenizer_config.json: unreadable"):
         load_tokenizer(str(tmp_path / "badconfig"))
     shutil.rmtree(tmp_path / "badconfig")
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPT-2 (encoder.json + vocab.bpe)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir: str) -> Tokenizer:
+    return load_tokenizer(gpt2_dir)
+
+
+def test_gpt2_published_ids(gpt2: Tokenizer) -> None:
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.encode("hello world") == [31373, 995]
+    assert (gpt2.eos_token, gpt2.eos_id, gpt2.vocab_size) == ("<|endoftext|>", 50256, 50257)
+    assert gpt2.bos_id is None and not gpt2.add_bos and gpt2.add_eos
+    # the separator's text inside a document is text, not a separator
+    assert 50256 not in gpt2.encode("a <|endoftext|> b")
+
+
+def test_gpt2_ids_equal_the_tokenizers_library(
+    gpt2: Tokenizer, gpt2_dir: str, shakespeare_docs, stdlib_docs
+) -> None:
+    reference = tokenizers.ByteLevelBPETokenizer.from_file(
+        os.path.join(gpt2_dir, "encoder.json"), os.path.join(gpt2_dir, "vocab.bpe")
+    )
+    texts = (
+        [d.text for d in shakespeare_docs[:3]] + [d.text for d in stdlib_docs] + [ODD_TEXT.replace("<|", "<")]
+    )
+    for text in texts:
+        assert gpt2.encode(text) == reference.encode(text).ids
+        assert gpt2.decode(gpt2.encode(text)) == text
+    assert gpt2.encode_batch(texts) == [e.ids for e in reference.encode_batch(texts)]
+
+
+def test_gpt2_matches_transformers(gpt2: Tokenizer, gpt2_dir: str, stdlib_docs, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    # transformers' own file names for the same two files
+    shutil.copy(os.path.join(gpt2_dir, "encoder.json"), tmp_path / "vocab.json")
+    shutil.copy(os.path.join(gpt2_dir, "vocab.bpe"), tmp_path / "merges.txt")
+    hf = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    assert hf.encode("Hello world") == [15496, 995]
+    for doc in stdlib_docs:
+        assert gpt2.encode(doc.text) == hf.encode(doc.text)
+    # and load_tokenizer reads that layout too
+    assert load_tokenizer(str(tmp_path)).fingerprint == gpt2.fingerprint
+
+
+# --------------------------------------------------------------------------------------------------------
+# BOS/EOS policy
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_policy_of_the_real_tokenizers(qwen3: Tokenizer, gpt2: Tokenizer, small_tokenizer: Tokenizer) -> None:
+    assert qwen3.policy == {
+        "bos_token": None,
+        "bos_id": None,
+        "eos_token": "<|endoftext|>",
+        "eos_id": 151643,
+        "add_bos": False,
+        "add_eos": True,
+    }
+    assert qwen3.describe_policy().startswith("each document = text + '<|endoftext|>'")
+    assert "not the chat end-of-turn '<|im_end|>'" in qwen3.describe_policy()
+    assert (qwen3.document_bos_id, qwen3.document_eos_id) == (None, 151643)
+    assert gpt2.describe_policy().startswith("each document = text + '<|endoftext|>'")
+
+
+def _llama_like(
+    small_tokenizer: Tokenizer, directory: Path, config: dict | None, post_processor: bool
+) -> str:
+    """The small tokenizer with Llama-style <s>/</s> specials, optionally a post-processor that adds <s>."""
+    backend = tokenizers.Tokenizer.from_str(small_tokenizer.backend.to_str())
+    backend.add_special_tokens(["<s>", "</s>"])
+    if post_processor:
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+        )
+    directory.mkdir()
+    backend.save(str(directory / "tokenizer.json"))
+    if config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+def test_bos_when_the_tokenizer_asks_for_it(small_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    tok = load_tokenizer(_llama_like(small_tokenizer, tmp_path / "cfg", config, post_processor=False))
+    assert (tok.add_bos, tok.bos_token, tok.eos_token) == (True, "<s>", "</s>")
+    assert tok.describe_policy().startswith("each document = '<s>' + text + '</s>'")
+    assert "add_bos_token=true" in tok.describe_policy()
+
+    tok = load_tokenizer(
+        _llama_like(small_tokenizer, tmp_path / "post", {"eos_token": "</s>"}, post_processor=True)
+    )
+    assert tok.add_bos and (tok.document_bos_id, tok.document_eos_id) == (1024, 1025)
+    assert "post-processor adds it" in tok.describe_policy()
+    # never twice: text is encoded without the tokenizer's own BOS, the packer adds the one BOS
+    assert tok.encode("Exit")[0] != 1024 and tok.backend.encode("Exit").ids[0] == 1024
+    assert "its own post-processor (<s> + text) is not applied" in tok.describe_policy()
+
+
+def test_policy_overrides(small_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    path = _llama_like(small_tokenizer, tmp_path / "t", {"bos_token": "<s>", "add_bos_token": True}, False)
+    tok = load_tokenizer(path, add_bos=False, eos_token="</s>", add_eos=True)
+    assert (tok.add_bos, tok.eos_token, tok.document_bos_id) == (False, "</s>", None)
+    assert "set by data.tokenizer" in tok.describe_policy()
+    tok = load_tokenizer(path, add_eos=False)
+    assert tok.document_eos_id is None and "not separated" in tok.describe_policy()
+    with pytest.raises(DataError, match="eos_token='<eos>' is not in the vocabulary"):
+        load_tokenizer(path, eos_token="<eos>")
+    small_tokenizer.save(str(tmp_path / "plain"))  # no BOS token at all
+    with pytest.raises(DataError, match="add_bos is set but the tokenizer has no BOS token.*bos_token"):
+        load_tokenizer(str(tmp_path / "plain"), add_bos=True)
+
+
+def test_pickled_tokenizer_keeps_its_policy_and_special_token_handling(qwen3: Tokenizer) -> None:
+    copy = pickle.loads(pickle.dumps(qwen3))
+    assert copy.policy == qwen3.policy and copy.fingerprint == qwen3.fingerprint
+    text = "doc <|endoftext|> still the same doc"
+    assert copy.encode(text) == qwen3.encode(text) and 151643 not in copy.encode(text)

@@ -137,7 +137,7 @@ class DeepSpeedEngine:
         scale = self.world_size / n_global
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            logits = engine(**model_inputs(batch, self.device))
+            logits = engine(**model_inputs(batch, self.device, self.cfg.data.document_masking))
             loss = lm_loss(logits, batch["labels"].to(self.device), reduction="sum")
             # MoE auxiliary losses (zero for dense models), a mean over micro-batches as in Engine.
             aux = engine.module.aux_loss() / len(micro_batches)
@@ -164,7 +164,7 @@ class DeepSpeedEngine:
         try:
             for batch in batches:
                 labels = batch["labels"].to(self.device)
-                logits = self.engine(**model_inputs(batch, self.device))
+                logits = self.engine(**model_inputs(batch, self.device, self.cfg.data.document_masking))
                 total += lm_loss(logits, labels, reduction="sum").item()
                 tokens += int((labels != IGNORE_INDEX).sum())
         finally:
