@@ -11,7 +11,7 @@ Also a script, for poking at launch scripts by hand:
     python -m tests.launch.cluster up /tmp/slurm     # prints the `export SLURM_CONF=...` to use
     python -m tests.launch.cluster down /tmp/slurm
 
-See ../shared/SLURM.md (measured on these machines) for why each setting is what it is.
+Each setting below is commented where it is written; docs/launch.md describes the cluster the tests use.
 """
 
 from __future__ import annotations
