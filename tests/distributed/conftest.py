@@ -43,6 +43,13 @@ BASE_OVERRIDES = [
 ]
 
 
+def replace_overrides(base: list[str], *changes: str) -> list[str]:
+    """`base` with the value of each `key=value` in `changes` replaced (or appended when new)."""
+    out = dict(o.split("=", 1) for o in base)
+    out.update(o.split("=", 1) for o in changes)
+    return [f"{k}={v}" for k, v in out.items()]
+
+
 def launch(nproc: int, output_root: Path, name: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the trainer under torchrun with `nproc` processes (or plainly, for 1)."""
     args = [*BASE_OVERRIDES, f"output_root={output_root}", f"name={name}", *overrides]

@@ -20,34 +20,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.distributed.conftest import BASE_OVERRIDES, replace_overrides
 from tests.launch.cluster import ClusterError, LocalSlurm, ensure_installed
 from trainer.metrics import read_metrics
 
 # The tiny model of tests/distributed with fewer layers; 8 sequences of 64 tokens per step, so one
 # process accumulates 8 micro-batches and two processes 4 each: the same global batch in every layout.
-TRAIN = [
-    "data=tiny",
-    "data.seq_len=64",
-    "model.d_model=64",
-    "model.n_layers=4",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.max_seq_len=64",
-    "model.tie_embeddings=false",
-    "trainer.global_batch_tokens=512",
-    "trainer.micro_batch_size=1",
-    "trainer.max_steps=40",
-    "trainer.log_every=1",
-    "trainer.lr=3e-3",
-    "trainer.warmup_steps=2",
-    "trainer.precision=fp32",
-    "trainer.device=cpu",
-    "trainer.wandb.mode=disabled",
-    "trainer.export_hf=false",
-    "eval.max_batches=1",
-    "eval.batch_size=8",
-    "eval.prompts=[]",
-]
+TRAIN = replace_overrides(BASE_OVERRIDES, "model.n_layers=4", "trainer.max_steps=40", "eval.prompts=[]")
 
 JOB_TIMEOUT = 240
 """Seconds a training job may take from submission to the end (requeues included) before a test fails."""

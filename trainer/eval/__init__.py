@@ -1,1 +1,2 @@
-"""Evaluation: validation loss and perplexity (downstream tasks come on top of the same model interface)."""
+"""Evaluation. Validation loss and perplexity run through the training engine (`Engine.evaluate`),
+so they work under every parallel layout; downstream tasks build on the same model interface."""
