@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 
+import torch
+
 from tests.distributed.conftest import assert_same_losses, losses, run_ok
+from trainer.inference import Generator, load_model
 
 
 def test_fsdp4_checkpoint_resumes_as_fsdp2_x_tp2(dist_root, single_process_losses):
@@ -14,6 +17,15 @@ def test_fsdp4_checkpoint_resumes_as_fsdp2_x_tp2(dist_root, single_process_losse
     # Same run directory, new layout: resumes from step 3 and continues the same run.
     run_ok(4, dist_root, name, "parallel.dp_shard=2", "parallel.tp=2")
     assert_same_losses(losses(dist_root / name), single_process_losses["train"])
+
+    # The inference path loads the FSDP x TP checkpoint as one plain model, equal to the reference run's.
+    sharded, tokenizer = load_model(dist_root / name)
+    plain, _ = load_model(dist_root / "reference")
+    prompt = tokenizer.encode("ROMEO: What light through yonder window")
+    with torch.no_grad():
+        assert (sharded(torch.tensor([prompt])) - plain(torch.tensor([prompt]))).abs().max() <= 1e-4
+    greedy = [Generator(m).generate([prompt], 16)[0].token_ids for m in (sharded, plain)]
+    assert greedy[0] == greedy[1]
 
 
 def test_pipeline_checkpoint_resumes_in_one_process_and_exports(dist_root, single_process_losses):

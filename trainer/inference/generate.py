@@ -1,18 +1,15 @@
-"""Autoregressive sampling: greedy, temperature and top-k, with a seed.
-
-This first version recomputes the whole (cropped) context at every step, which is all a tiny
-model's end-of-run sample needs; a KV-cache engine serves fast inference.
-"""
+"""One-call sampling for a single prompt (the end-of-training samples), on top of the KV-cache Generator."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
+from trainer.inference.engine import Generator
+from trainer.inference.sampling import SamplingParams
 
-@torch.no_grad()
+
 def generate(
     model: nn.Module,
     prompt_ids: list[int],
@@ -22,33 +19,22 @@ def generate(
     eos_id: Optional[int] = None,
     seed: int = 0,
     max_context: Optional[int] = None,
+    top_p: Optional[float] = None,
 ) -> list[int]:
-    """Return the new token ids (the prompt not included). temperature=0 means greedy."""
+    """Return the new token ids (the prompt not included; an EOS that ends them included).
+
+    temperature=0 means greedy. max_context: keep only the last this many prompt tokens, so that prompt and
+    generation fit (default: the model's max_seq_len).
+    """
     if not prompt_ids:
         raise ValueError("generate() needs at least one prompt token")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
-    model.eval()
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new: list[int] = []
     try:
-        for _ in range(max_new_tokens):
-            context = ids if max_context is None else ids[:, -max_context:]
-            logits = model(context)[0, -1].float()
-            if temperature <= 0:
-                next_id = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k is not None and 0 < top_k < logits.numel():
-                    kth = torch.topk(logits, top_k).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, dim=-1)
-                next_id = int(torch.multinomial(probs, 1, generator=generator))
-            new.append(next_id)
-            if eos_id is not None and next_id == eos_id:
-                break
-            ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
+        generator = Generator(model, max_batch_size=1, max_seq_len=max_context, compile=False)
+        keep = max(1, generator.max_seq_len - max_new_tokens)
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        eos = () if eos_id is None else (eos_id,)
+        [completion] = generator.generate([prompt_ids[-keep:]], max_new_tokens, sampling, eos_ids=eos)
     finally:
         model.train(was_training)
-    return new
+    return completion.token_ids

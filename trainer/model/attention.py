@@ -8,7 +8,7 @@ Which keys a query sees (causal, same document, sliding window) is decided by th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from trainer.model.config import ModelConfig
 from trainer.model.layers import RMSNorm
 from trainer.model.masks import Mask
 from trainer.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from trainer.inference.cache import LayerCache
 
 
 class Attention(nn.Module):
@@ -46,9 +49,18 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim if per_head else kv_width, cfg.norm_eps, cfg.norm_unit_offset)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[Mask] = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[Mask] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        """x [B, T, d_model]; cos/sin [B, T, rotary_dim]; mask: see trainer/model/masks.py (None: causal)."""
+        """x [B, T, d_model]; cos/sin [B, T, rotary_dim]; mask: see trainer/model/masks.py (None: causal).
+
+        With a cache (generation), this step's keys and values are stored, and the queries attend over
+        what the cache returns under the cache's mask (trainer/inference/cache.py).
+        """
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.qk_norm == "full":  # OLMo 2: one norm over all heads together
@@ -63,6 +75,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         q = apply_rope(q, cos, sin, self.rope_interleaved)
         k = apply_rope(k, cos, sin, self.rope_interleaved)
+        if cache is not None:
+            k, v = cache.update(k, v)
         y = attend(q, k, v, mask, self.scale, self.softcap)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -7,12 +7,16 @@ Module names are stable and plain (nn.Linear / nn.Embedding, no fused projection
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
+from trainer.kernels import linear_cross_entropy, linear_log_probs
 from trainer.model.attention import Attention
+
+if TYPE_CHECKING:
+    from trainer.inference.cache import KVCache
 from trainer.model.config import ConfigError, ModelConfig
 from trainer.model.layers import GatedMLP, RMSNorm
 from trainer.model.masks import Mask, flex_block_mask, positions_in_documents, sdpa_mask
@@ -36,6 +40,7 @@ class Block(nn.Module):
         def norm(present: bool) -> nn.Module:
             return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset) if present else nn.Identity()
 
+        self.layer_id = layer_id
         self.kind = "sliding" if cfg.is_sliding(layer_id) else "full"
         self.attention_norm = norm(cfg.pre_norm)
         self.attention = Attention(cfg)
@@ -44,9 +49,12 @@ class Block(nn.Module):
         self.feed_forward = MoE(cfg) if cfg.is_moe else GatedMLP(cfg.d_model, cfg.ffn_dim, cfg.activation)
         self.post_ffn_norm = norm(cfg.post_norm)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, inputs: AttentionInputs, cache: Optional[KVCache] = None
+    ) -> torch.Tensor:
         cos, sin, mask = inputs[self.kind]
-        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask=mask))
+        layer_cache = cache.layers[self.layer_id] if cache is not None else None
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, layer_cache))
         x = x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
         return x
 
@@ -80,25 +88,37 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         document_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] (long) -> logits [B, T, vocab_size].
+        """input_ids [B, T] (long) -> logits [B, T, vocab_size], or with `labels` the per-token losses.
 
         position_ids [B, T]: RoPE positions. Default 0 .. T-1, or each token's index within its document
         when document_ids are given.
         document_ids [B, T] (int): for packed rows, the document each token belongs to (contiguous runs);
         attention then stays within a document, so each document gets the logits it would get alone.
+        labels [B, T]: next-token targets (-100 = ignore). The forward then returns the cross-entropy per
+        token [B, T] in fp32 (0 where ignored) from the fused linear + cross-entropy, never holding the
+        full [B, T, vocab] logits where the fused kernel runs. Sharded models (FSDP) must be called through
+        forward, so the loss lives here rather than in a method of its own.
+        cache: generation (trainer/inference). Keys and values are stored in it and read back, and positions
+        and masks come from it (left-padded rows); position_ids and document_ids are then not used.
         After a forward, MoE models expose their auxiliary losses through `aux_losses()` / `aux_loss()`.
         """
         B, T = input_ids.shape
-        if position_ids is None:
+        if cache is not None:
+            position_ids, document_ids = cache.positions(T), None
+        elif position_ids is None:
             if document_ids is not None:
                 position_ids = positions_in_documents(document_ids)
             else:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.embed(input_ids)
-        inputs = self.attention_inputs(position_ids, document_ids, h.dtype)
+        inputs = self.attention_inputs(position_ids, document_ids, h.dtype, cache)
         for layer in self.layers:
-            h = layer(h, inputs)
+            h = layer(h, inputs, cache)
+        if labels is not None:
+            return self.token_losses(h, labels)
         return self.head(h)
 
     def forward_stage(
@@ -130,8 +150,33 @@ class Decoder(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
+    def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per token [B, T] of the last hidden states h [B, T, d] against labels [B, T]."""
+        losses = linear_cross_entropy(
+            self.norm(h).flatten(0, 1), self.output.weight, labels.flatten(), self.cfg.final_softcap
+        )
+        return losses.view(labels.shape)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For evaluation on an unsharded model: log p(targets[b, t] | input_ids[b, :t+1]) [B, T] fp32, and
+        whether each target is the most likely token [B, T] bool (lm_eval's is_greedy)."""
+        h = self.embed(input_ids)
+        B, T = input_ids.shape
+        inputs = self.attention_inputs(torch.arange(T, device=input_ids.device).expand(B, T), None, h.dtype)
+        for layer in self.layers:
+            h = layer(h, inputs)
+        logprobs, greedy = linear_log_probs(
+            self.norm(h).flatten(0, 1), self.output.weight, targets.flatten(), self.cfg.final_softcap
+        )
+        return logprobs.view(B, T), greedy.view(B, T)
+
     def attention_inputs(
-        self, position_ids: torch.Tensor, document_ids: Optional[torch.Tensor], dtype: torch.dtype
+        self,
+        position_ids: torch.Tensor,
+        document_ids: Optional[torch.Tensor],
+        dtype: torch.dtype,
+        cache: Optional[KVCache] = None,
     ) -> AttentionInputs:
         """RoPE tables and masks, computed once per forward for each kind of layer the model has."""
         cfg = self.cfg
@@ -149,8 +194,10 @@ class Decoder(nn.Module):
             inv_freq = self.inv_freq_local if kind == "sliding" and self._local_rope else self.inv_freq
             cos, sin = rope_cos_sin(inv_freq, position_ids, dtype, cfg.rope_interleaved)
             window = cfg.sliding_window if kind == "sliding" else None
-            if use_flex:
-                mask: Optional[Mask] = flex_block_mask(B, T, device, document_ids, window)
+            if cache is not None:
+                mask: Optional[Mask] = cache.mask(kind, T)
+            elif use_flex:
+                mask = flex_block_mask(B, T, device, document_ids, window)
             else:
                 mask = sdpa_mask(T, device, document_ids, window)
             inputs[kind] = (cos, sin, mask)

@@ -60,7 +60,7 @@ class GroupedExperts(nn.Module):
         if _grouped_mm_available(xs):
             ys = self._grouped(xs, counts)
         else:
-            ys = self._padded(xs, counts)
+            ys = self._padded(xs, counts, max_per_expert=N)
         ys = ys * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
@@ -72,9 +72,11 @@ class GroupedExperts(nn.Module):
 
         return mm(self.act(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
 
-    def _padded(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _padded(self, xs: torch.Tensor, counts: torch.Tensor, max_per_expert: int) -> torch.Tensor:
         E = counts.numel()
-        capacity = int(counts.max())  # one host sync; nothing is dropped
+        # Eagerly, the largest group (one host sync); nothing is dropped. Under torch.compile a data-dependent
+        # size would break the graph, so the static bound is used: a token picks an expert at most once.
+        capacity = max_per_expert if torch.compiler.is_compiling() else int(counts.max())
         expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts)
         slot = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]
         buf = xs.new_zeros(E, capacity, xs.shape[1])
