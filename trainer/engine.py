@@ -105,10 +105,8 @@ class Engine:
         loss_sum = torch.zeros((), device=self.device)
         aux_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
-            with self.autocast:
-                logits = model(**self._model_inputs(batch))
             with self._loss_context():
-                loss = lm_loss(logits, batch["labels"].to(self.device), reduction="sum")
+                loss = self._loss_sum(model, batch)
                 # MoE routers' auxiliary losses (zero for dense models): a mean over micro-batches,
                 # averaged over dp ranks by FSDP like the gradients themselves.
                 total = loss * scale + model.aux_loss() / len(micro_batches)
@@ -120,6 +118,20 @@ class Engine:
         for name, value in aux_sums.items():
             out[name] = self._all_reduce(value, "dp_replicate", "dp_shard").item() / self.dims.dp_size
         return out
+
+    def _loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch.
+
+        Without tensor parallelism the model computes it itself from its last hidden states (the fused
+        linear + cross-entropy where the device runs it: the [tokens, vocab] logits are never held).
+        Under tensor parallelism the logits are sharded DTensors and loss_parallel computes the loss.
+        """
+        labels = batch["labels"].to(self.device)
+        with self.autocast:
+            if self.dims.cfg.tp == 1:
+                return model(**self._model_inputs(batch), labels=labels).sum()
+            logits = model(**self._model_inputs(batch))
+        return lm_loss(logits, labels, reduction="sum")
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return model_inputs(batch, self.device, self.cfg.data.document_masking)
@@ -187,10 +199,8 @@ class Engine:
                 if self.pipeline is not None:
                     total += self._pipeline_eval(batch) * n
                 else:
-                    with self.autocast:
-                        logits = self.parts[0](**self._model_inputs(batch))
                     with self._loss_context():
-                        total += _local(lm_loss(logits, labels, reduction="sum")).item()
+                        total += _local(self._loss_sum(self.parts[0], batch)).item()
                 tokens += n
         finally:
             for part in self.parts:

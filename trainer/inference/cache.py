@@ -90,12 +90,14 @@ class KVCache:
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         """The slot the next decode step writes (a tensor, so a compiled step does not specialise on it)."""
         self.prefilling = False
+        self.padded = False
 
     def reset(self, pad: torch.Tensor) -> None:
         """Start a new batch whose rows are left-padded by `pad` [B]. Old contents need no clearing: every
         slot a query may see is written before it is read."""
         self.pad.copy_(pad)
         self.slot.zero_()
+        self.padded = bool(pad.any())  # decided once per batch, on the host
 
     def nbytes(self) -> int:
         return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
@@ -110,10 +112,15 @@ class KVCache:
             slots = self.slot.view(1, 1)
         return (slots - self.pad[:, None]).clamp(min=0)
 
-    def mask(self, kind: str, T: int) -> torch.Tensor:
-        """Boolean attention mask [B, 1, T, keys] for layers of `kind` ("full" or "sliding")."""
+    def mask(self, kind: str, T: int) -> Optional[torch.Tensor]:
+        """Boolean attention mask [B, 1, T, keys] for layers of `kind` ("full" or "sliding").
+
+        None (plain causal, SDPA's fastest path) for a prefill without padding that no window cuts.
+        """
         pad = self.pad[:, None, None]  # [B, 1, 1]
         window = self.window if kind == "sliding" else None
+        if self.prefilling and not self.padded and (window is None or T <= window):
+            return None
         if self.prefilling:
             q = torch.arange(T, device=pad.device)[:, None]
             k = torch.arange(T, device=pad.device)[None, :]
