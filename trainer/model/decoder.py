@@ -54,7 +54,9 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         cos, sin, mask = inputs[self.kind]
         layer_cache = cache.layers[self.layer_id] if cache is not None else None
-        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, layer_cache))
+        x = x + self.post_attention_norm(
+            self.attention(self.attention_norm(x), cos, sin, mask=mask, cache=layer_cache)
+        )
         x = x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
         return x
 
@@ -116,7 +118,7 @@ class Decoder(nn.Module):
         h = self.embed(input_ids)
         inputs = self.attention_inputs(position_ids, document_ids, h.dtype, cache)
         for layer in self.layers:
-            h = layer(h, inputs, cache)
+            h = layer(h, inputs, cache=cache)  # a keyword: tensor-parallel plans see two inputs
         if labels is not None:
             return self.token_losses(h, labels)
         return self.head(h)
