@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import kernels
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned gain (no bias, no mean subtraction).
@@ -29,14 +31,8 @@ class RMSNorm(nn.Module):
         nn.init.constant_(self.weight, 0.0 if self.unit_offset else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 even when activations are bf16: the mean of squares is where precision is lost.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            # Gemma applies the gain in float32 and casts last; Llama casts first. Both orders are kept so
-            # that bf16 results agree bit for bit with each family's reference.
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * x32.to(x.dtype)
+        # Normalised in float32; Gemma's gain is applied before the cast, Llama's after (trainer/kernels).
+        return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
@@ -54,13 +50,12 @@ class GatedMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
         super().__init__()
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        return self.w2(kernels.gated_activation(self.w1(x), self.w3(x), self.activation))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"

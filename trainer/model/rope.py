@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from trainer import kernels
 from trainer.model.config import RopeScalingConfig
 
 
@@ -65,24 +66,8 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # pairs dimension i with i + d/2
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # pairs dimension 2i with 2i + 1
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
 def apply_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
 ) -> torch.Tensor:
     """Rotate x [B, H, T, head_dim] by its positions; cos/sin are [B, T, rotary_dim] (rotary_dim <= head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    rotary_dim = cos.shape[-1]
-    rotate = _rotate_interleaved if interleaved else _rotate_half
-    if rotary_dim == x.shape[-1]:
-        return x * cos + rotate(x) * sin
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
+    return kernels.apply_rotary(x, cos, sin, interleaved)  # fused on CUDA, else the plain rotation
