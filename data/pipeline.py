@@ -13,6 +13,7 @@ others open them).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Optional
@@ -145,3 +146,26 @@ def build_val_batches(
 ) -> ValBatches:
     """The held-out validation batches (the same ones at every evaluation), at most `max_batches`."""
     return ValBatches(cfg, tokenizer, batch_size, max_batches)
+
+
+def build_val_batches_per_source(
+    cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, max_batches: Optional[int] = None
+) -> dict[str, ValBatches]:
+    """Held-out batches of each source on its own, by source name, for per-source metrics ({} for one source).
+
+    A mixture's sources are prepared one dataset each, so their own val splits are read as they are. Sources
+    read one after the other share one prepared dataset whose rows mix them, so each source's held-out
+    documents (the same documents `prepare` held out) are tokenized and packed alone, once, in this process.
+    """
+    if len(cfg.sources) < 2:
+        return {}
+    out: dict[str, ValBatches] = {}
+    names = [s.name for s in cfg.sources]
+    for i, source in enumerate(cfg.sources):
+        key = source.name if names.count(source.name) == 1 else f"{source.name}.{i}"
+        if cfg.is_mixture:
+            alone = dataclasses.replace(cfg, sources=[source])  # its own group: prepared_dir/<name>
+        else:
+            alone = dataclasses.replace(cfg, sources=[source], mode="online", num_workers=0)
+        out[key] = ValBatches(alone, tokenizer, batch_size, max_batches)
+    return out

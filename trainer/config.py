@@ -197,7 +197,9 @@ class ParallelConfig:
         if self.dp_shard < 1:
             raise ConfigError(f"parallel.dp_shard={self.dp_shard} must be >= 1 (or -1 for 'the rest').")
         if self.pp_schedule not in PP_SCHEDULES:
-            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r}: use one of {', '.join(PP_SCHEDULES)}.")
+            raise ConfigError(
+                f"parallel.pp_schedule={self.pp_schedule!r}: use one of {', '.join(PP_SCHEDULES)}."
+            )
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ConfigError(
                 f"parallel.activation_checkpointing={self.activation_checkpointing!r}: use 'none', 'full' or 'selective'."
@@ -220,19 +222,52 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during and after training."""
+    """Evaluation during and after training, and of a saved model (`python -m trainer.eval`); docs/eval.md.
+
+    Each evaluation measures the validation loss, perplexity and bits per byte (overall and per data source),
+    scores the benchmark tasks of `tasks`, and samples a continuation for each of `prompts`.
+    """
 
     every: int = 0
-    """Evaluate validation loss every this many steps; 0: only at the start and the end."""
+    """Evaluate every this many steps; 0: only at the start and the end."""
     max_batches: int = 20
     """Validation batches per evaluation (a fixed, ordered prefix of the validation split)."""
     batch_size: int = 8
     """Sequences per validation batch."""
+    per_source: bool = True
+    """Also report loss, perplexity and bits per byte of each data source on its own (data with several sources)."""
+    source_max_batches: int = 2
+    """Validation batches of each source for the per-source numbers (batch_size sequences each)."""
+    tasks: list[str] = field(default_factory=list)
+    """Benchmark files scored at every evaluation: 'path' or 'name:path', in the public formats of HellaSwag,
+    ARC, PIQA, LAMBADA, WikiText (JSON lines) or a BIG-bench task.json; the format is recognised from the file.
+    Relative paths are looked up in the working directory, then in the source tree (data/evalsets/...)."""
+    task_limit: Optional[int] = None
+    """Score at most the first this-many examples of each task (as `lm_eval --limit`); None: all."""
+    task_batch_size: int = 16
+    """Sequences (context + continuation) per forward pass when scoring tasks."""
+    max_length: Optional[int] = None
+    """Longest sequence fed when scoring tasks (longer ones are cut from the left, as lm_eval does); None:
+    model.max_seq_len, which is what lm_eval uses for the exported Hugging Face folder."""
     prompts: list[str] = field(default_factory=lambda: ["def main("])
-    """Prompts sampled from at the end of training."""
+    """Prompts sampled from at every evaluation (logged as 'generations') and printed at the end of training."""
     max_new_tokens: int = 64
+    """Tokens sampled per prompt."""
     temperature: float = 0.8
+    """Sampling temperature for the prompts; 0: greedy."""
     top_k: int = 40
+    """Sample among the top-k tokens only; 0: all."""
+    checkpoint: Optional[str] = None
+    """`python -m trainer.eval` only: the model to evaluate: a checkpoint directory (…/checkpoints/step_N, any
+    parallel layout), a run directory (its latest complete checkpoint) or a Hugging Face model folder."""
+    tokenizer: Optional[str] = None
+    """`python -m trainer.eval` only: tokenizer to use instead of the model's own (the one its run recorded, or
+    the one in the Hugging Face folder)."""
+    validation: bool = True
+    """`python -m trainer.eval` only: also measure the validation numbers on `data`, when the data's tokenizer
+    is the model's (prepared first if missing); skipped with a note otherwise. Training always measures them."""
+    output: Optional[str] = None
+    """`python -m trainer.eval` only: also write the results as JSON to this file."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.max_batches < 1 or self.batch_size < 1:
@@ -240,6 +275,20 @@ class EvalConfig:
                 f"eval.every={self.every} must be >= 0, eval.max_batches={self.max_batches} and "
                 f"eval.batch_size={self.batch_size} >= 1."
             )
+        for name in ("source_max_batches", "task_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("task_limit", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"eval.{name}={value} must be >= 1, or null (no limit).")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ConfigError(
+                f"eval.temperature={self.temperature} and eval.top_k={self.top_k} must be >= 0 (0: greedy / all)."
+            )
+        bad = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ConfigError(f"eval.tasks holds empty entries {bad}: give the path of each task file.")
 
 
 @dataclass
@@ -322,8 +371,13 @@ class Config:
                     "model.tie_embeddings=true cannot be split across pipeline stages (the embedding lives on the "
                     "first stage, the output projection on the last): set model.tie_embeddings=false or parallel.pp=1."
                 )
-            if self.grad_accum_steps < stages and p.pp_schedule in ("DualPipeV", "ZBVZeroBubble", "Interleaved1F1B",
-                                                                       "InterleavedZeroBubble", "LoopedBFS"):
+            if self.grad_accum_steps < stages and p.pp_schedule in (
+                "DualPipeV",
+                "ZBVZeroBubble",
+                "Interleaved1F1B",
+                "InterleavedZeroBubble",
+                "LoopedBFS",
+            ):
                 raise ConfigError(
                     f"parallel.pp_schedule={p.pp_schedule} needs at least {stages} micro-batches per step, but "
                     f"trainer.global_batch_tokens gives {self.grad_accum_steps}: raise global_batch_tokens or lower "

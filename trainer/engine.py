@@ -21,6 +21,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config
+from trainer.eval.scorers import EvalModel
 from trainer.loss import IGNORE_INDEX, lm_loss
 from trainer.model import Decoder
 from trainer.optim import build_optimizer
@@ -97,7 +98,9 @@ class Engine:
             opt.zero_grad(set_to_none=True)
         return {**out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
 
-    def _accumulation_step(self, micro_batches: list[dict[str, torch.Tensor]], n_global: int) -> dict[str, float]:
+    def _accumulation_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], n_global: int
+    ) -> dict[str, float]:
         model = self.parts[0]
         # Each token weighs the same whichever rank and micro-batch it is in: sum the token losses and
         # divide by the global token count. FSDP averages gradients over the dp ranks, hence * dp_size.
@@ -210,6 +213,17 @@ class Engine:
         loss = total / tokens
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
+    def eval_model(self) -> Optional[EvalModel]:
+        """The model as task scoring and sampling call it during training (trainer.eval), or None.
+
+        Single process: the model itself, scored by `Decoder.score`. FSDP / HSDP: the sharded model, which every
+        rank calls through `forward` with the same batches. None under pipeline or tensor parallelism, where no
+        rank runs the whole forward: those evaluations run at the end, on the consolidated model.
+        """
+        if self.pipeline is not None or self.dims.cfg.tp > 1:
+            return None
+        return EvalModel(self.parts[0], self.device, sharded=self.dims.distributed, autocast=self.autocast)
+
     def _pipeline_eval(self, batch: dict[str, torch.Tensor]) -> float:
         """Forward only, one stage after another, with plain point-to-point sends.
 
@@ -264,7 +278,9 @@ class Engine:
         return model.to(self.device)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool) -> dict[str, torch.Tensor]:
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool
+) -> dict[str, torch.Tensor]:
     """The model's keyword arguments for a batch (the one place that decides what the model sees).
 
     With document masking the model gets each token's document, attends within it, and numbers

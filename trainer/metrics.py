@@ -42,6 +42,21 @@ class MetricsLogger:
                 logger.warning("wandb.log failed (%s); continuing without wandb", e)
                 self._wandb = None
 
+    def log_text(self, step: int, key: str, texts: dict[str, str]) -> None:
+        """Mirror texts (prompt -> generation) to wandb as a table; the metrics file gets them through `log`."""
+        if self._wandb is None:
+            return
+        try:
+            import wandb
+
+            table = wandb.Table(
+                columns=["step", "prompt", "text"], data=[[step, p, t] for p, t in texts.items()]
+            )
+            self._wandb.log({key: table}, step=step)
+        except Exception as e:  # never let logging stop training
+            logger.warning("wandb table logging failed (%s); continuing without wandb", e)
+            self._wandb = None
+
     def close(self) -> None:
         self._file.close()
         if self._wandb is not None:

@@ -32,7 +32,9 @@ from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError
 from trainer.config_store import register, to_config
 from trainer.engine import Engine
-from trainer.inference.generate import generate
+from trainer.eval.evaluator import EvalResult, Evaluator
+from trainer.eval.scorers import EvalModel
+from trainer.eval.validation import build_val_sets
 from trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
 from trainer.model import Decoder
 from trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
@@ -53,6 +55,8 @@ class RunResult:
     checkpoint: Optional[Path]
     hf_dir: Optional[Path]
     samples: dict[str, str] = field(default_factory=dict)
+    final_eval: Optional[EvalResult] = None
+    """The last evaluation: validation numbers (overall and per source), task metrics and samples."""
     wall_seconds: float = 0.0
     stopped_for_requeue: bool = False
     """Stopped early (SIGUSR1/SIGTERM, the stop file or trainer.time_budget_s) after saving a checkpoint."""
@@ -184,18 +188,35 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         if metrics is not None:
             metrics.log(at_step, record, kind=kind)
 
-    def validate(at_step: int) -> dict[str, float]:
-        result = engine.evaluate(val_batches)
-        log(at_step, {"loss": result["loss"], "perplexity": result["perplexity"]}, "val")
-        logger.info(
-            "step %d | val loss %.4f | val perplexity %.2f", at_step, result["loss"], result["perplexity"]
-        )
-        return result
+    # Evaluation (trainer.eval): validation loss / perplexity / bits per byte, overall and per source, through
+    # the engine under any layout; tasks and samples where the engine can run the whole model (else at the end).
+    evaluator = Evaluator(
+        cfg.eval,
+        tokenizer,
+        cfg.model.max_seq_len,
+        build_val_sets(cfg.data, cfg.eval, tokenizer, val_batches),
+        seed=cfg.trainer.seed,
+        max_context=cfg.data.seq_len,
+    )
+    eval_model = engine.eval_model() if hasattr(engine, "eval_model") else None
+
+    def report(evaluation: EvalResult) -> None:
+        for kind, record in evaluation.records():
+            log(evaluation.step, record, kind)
+        if metrics is not None and evaluation.samples:
+            metrics.log_text(evaluation.step, "generations", evaluation.samples)
+        for line in evaluation.summary():
+            logger.info("%s", line)
+
+    def validate(at_step: int) -> EvalResult:
+        evaluation = evaluator.run(at_step, engine.evaluate, eval_model)
+        report(evaluation)
+        return evaluation
 
     if resume_from is not None or restart_count() > 0:
         log(step, {"restart_count": restart_count(), "resumed_from": str(resume_from)}, "resume")
     if step == 0:
-        initial_val_loss = validate(0)["loss"]
+        initial_val_loss = validate(0).val["loss"]
 
     def save(at_step: int) -> Path:
         extra = {
@@ -281,13 +302,16 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     result.stopped_for_requeue = stopped
     if not exit_early:
         final = validate(step)
-        result.final_val_loss, result.final_val_perplexity = final["loss"], final["perplexity"]
+        result.final_eval = final
+        result.final_val_loss, result.final_val_perplexity = final.val["loss"], final.val["perplexity"]
         if last_checkpoint is None:
             found = ckpt.latest_checkpoint(checkpointer.root)
             result.checkpoint = found.path if found else None
         full_model = engine.full_model(result.checkpoint)
         if full_model is not None:
-            _export_and_sample(cfg, full_model, tokenizer, result)
+            late = _export_and_sample(cfg, full_model, tokenizer, result, evaluator, device)
+            if late is not None:
+                report(late)
         del full_model
         log(step, {f"sample_{i}": s for i, s in enumerate(result.samples.values())}, "samples")
     loader.close()  # stops its prefetch thread / online workers
@@ -307,24 +331,29 @@ def _flops_per_token(cfg: Config) -> int:
         return Decoder(cfg.model).flops_per_token(cfg.data.seq_len)
 
 
-def _export_and_sample(cfg: Config, model: Decoder, tokenizer: Tokenizer, result: RunResult) -> None:
+def _export_and_sample(
+    cfg: Config,
+    model: Decoder,
+    tokenizer: Tokenizer,
+    result: RunResult,
+    evaluator: Evaluator,
+    device: torch.device,
+) -> Optional[EvalResult]:
+    """Export the finished model; take the samples of the final evaluation. Returns the tasks and samples
+    evaluated here on the consolidated model when the training layout could not run them (else None)."""
     if cfg.trainer.export_hf:
         from trainer.hub import to_hf
 
         result.hf_dir = Path(to_hf(model, result.run_dir / "hf", tokenizer=tokenizer))
         logger.info("exported a Hugging Face folder to %s", result.hf_dir)
-    for i, prompt in enumerate(cfg.eval.prompts):
-        new_ids = generate(
-            model,
-            tokenizer.encode(prompt),
-            cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature,
-            top_k=cfg.eval.top_k,
-            eos_id=tokenizer.eos_id,
-            seed=cfg.trainer.seed + i,
-            max_context=cfg.data.seq_len,
-        )
-        result.samples[prompt] = prompt + tokenizer.decode(new_ids)
+    final = result.final_eval
+    late = None
+    if final is not None and not final.tasks and not final.samples and (evaluator.tasks or cfg.eval.prompts):
+        late = evaluator.run(final.step, None, EvalModel(model, device))
+        final.tasks, final.samples = late.tasks, late.samples
+    if final is not None:
+        result.samples = dict(final.samples)
+    return late
 
 
 def _checkpoint_to_resume(cfg: Config, checkpoint_dir: Path) -> Optional[Path]:
@@ -355,6 +384,12 @@ def _print_summary(cfg: Config, r: RunResult, tokenizer_path: str) -> None:
         )
     else:
         lines.append(f"  validation loss: {r.final_val_loss:.4f} (perplexity {r.final_val_perplexity:.2f})")
+    if r.final_eval is not None:
+        if "bpb" in r.final_eval.val:
+            lines.append(f"  bits per byte: {r.final_eval.val['bpb']:.4f}")
+        for name, m in r.final_eval.tasks.items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n")
+            lines.append(f"  {name} ({int(m.get('n', 0))} examples): {shown}")
     for prompt, text in r.samples.items():
         lines.append(f"  sample for {prompt!r}:")
         lines.extend("    | " + line for line in text.splitlines()[:12])

@@ -24,7 +24,6 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import TrainerConfig
 from trainer.hub import to_hf
 from trainer.inference import Generator, KVCache, SamplingParams, load_model
-from trainer.inference.generate import generate
 from trainer.model import Decoder
 from trainer.model.families import preset
 from trainer.optim import build_optimizer
@@ -192,16 +191,6 @@ def test_generation_stops_at_eos_and_at_stop_strings(small_tokenizer: Tokenizer)
     # A batch: rows finish independently, the others go on.
     both = gen.generate([prompt, prompt[:3]], 20, eos_ids=[eos], tokenizer=small_tokenizer)
     assert both[0].token_ids == c.token_ids
-
-
-def test_end_of_training_sampler_keeps_its_interface() -> None:
-    model = tiny("llama3")
-    [prompt] = prompts((4,))
-    greedy = generate(model, prompt, 8, temperature=0.0)
-    assert greedy == Generator(model).generate([prompt], 8)[0].token_ids
-    # An over-long prompt is cropped to fit the context rather than refused.
-    long_prompt = (prompt * 40)[:126]
-    assert len(generate(model, long_prompt, 8, temperature=0.8, top_k=5)) == 8
 
 
 def test_bad_requests_are_refused_with_what_to_do() -> None:
