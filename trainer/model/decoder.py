@@ -104,7 +104,8 @@ class Decoder(nn.Module):
         full [B, T, vocab] logits where the fused kernel runs. Sharded models (FSDP) must be called through
         forward, so the loss lives here rather than in a method of its own.
         cache: generation (trainer/inference). Keys and values are stored in it and read back, and positions
-        and masks come from it (left-padded rows); position_ids and document_ids are then not used.
+        and masks come from it (left-padded rows); position_ids and document_ids are then not used, and
+        only the last position's logits are returned, [B, 1, vocab_size].
         After a forward, MoE models expose their auxiliary losses through `aux_losses()` / `aux_loss()`.
         """
         B, T = input_ids.shape
@@ -121,6 +122,8 @@ class Decoder(nn.Module):
             h = layer(h, inputs, cache=cache)  # a keyword: tensor-parallel plans see two inputs
         if labels is not None:
             return self.token_losses(h, labels)
+        if cache is not None:
+            h = h[:, -1:]  # generation only needs the next token's logits: skip the rest of the vocab matmul
         return self.head(h)
 
     def forward_stage(
