@@ -35,14 +35,16 @@ class TokenScorer(Protocol):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
 
-class DecoderScorer:
-    """Scores with `Decoder.score` on a model that holds all its weights (one process, or rank 0's copy)."""
-
+class _ModelScorer:
     def __init__(
         self, model: nn.Module, autocast: Optional[contextlib.AbstractContextManager] = None
     ) -> None:
         self.model = model
         self.autocast = autocast
+
+
+class DecoderScorer(_ModelScorer):
+    """Scores with `Decoder.score` on a model that holds all its weights (one process, or rank 0's copy)."""
 
     @torch.no_grad()
     def __call__(
@@ -55,14 +57,8 @@ class DecoderScorer:
         return logprobs.float() * scored, is_argmax | ~scored
 
 
-class ForwardScorer:
+class ForwardScorer(_ModelScorer):
     """Scores through `forward`, which every rank of a sharded model must call with the same batch."""
-
-    def __init__(
-        self, model: nn.Module, autocast: Optional[contextlib.AbstractContextManager] = None
-    ) -> None:
-        self.model = model
-        self.autocast = autocast
 
     @torch.no_grad()
     def __call__(
