@@ -105,9 +105,16 @@ def test_forge_loglikelihoods_equal_hflm_per_request(runs, name):
     worst = max(abs(a[0] - b[0]) for a, b in zip(ours, theirs))
     assert worst <= 1e-4, worst
     assert [a[1] for a in ours] == [b[1] for b in theirs]  # is_greedy, request by request
-    assert runs["forge"]["results"][f"forge_{name}"] == pytest.approx(
-        runs["hf"]["results"][f"forge_{name}"], rel=1e-5
+    ours_metrics, their_metrics = (
+        runs["forge"]["results"][f"forge_{name}"],
+        runs["hf"]["results"][f"forge_{name}"],
     )
+    assert ours_metrics.keys() == their_metrics.keys()
+    for key, value in their_metrics.items():  # numbers within 1e-5, labels ("name", "alias") equal
+        if isinstance(value, (int, float)):
+            assert ours_metrics[key] == pytest.approx(value, rel=1e-5), key
+        else:
+            assert ours_metrics[key] == value, key
 
 
 def test_in_loop_task_metrics_equal_lm_eval(exported, runs):
