@@ -20,9 +20,9 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from data.packing import PackedRows, PackStats, pack_documents
-from data.sources import Document
-from data.tokenizer import Tokenizer
+from forge_lm.data.packing import PackedRows, PackStats, pack_documents
+from forge_lm.data.sources import Document
+from forge_lm.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
 

@@ -33,10 +33,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from data.mixture import MixtureSchedule
-from data.packing import PackedRows
-from data.report import DataError
-from data.shards import ShardDataset
+from forge_lm.data.mixture import MixtureSchedule
+from forge_lm.data.packing import PackedRows
+from forge_lm.data.report import DataError
+from forge_lm.data.shards import ShardDataset
 
 IGNORE_INDEX = -100
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data.chunks import (
+from forge_lm.data.chunks import (
     ChunkRows,
     PackSpec,
     PackTask,
@@ -38,13 +38,13 @@ from data.chunks import (
     run_pack_task,
     tokenizer_key,
 )
-from data.config import DataConfig, SourceConfig
-from data.loader import RowStream
-from data.packing import PackedRows
-from data.report import DataError, InputReport
-from data.sources import iter_sources
-from data.tokenizer import Tokenizer
-from data.workers import WorkerPool, resolve_num_workers
+from forge_lm.data.config import DataConfig, SourceConfig
+from forge_lm.data.loader import RowStream
+from forge_lm.data.packing import PackedRows
+from forge_lm.data.report import DataError, InputReport
+from forge_lm.data.sources import iter_sources
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.data.workers import WorkerPool, resolve_num_workers
 
 logger = logging.getLogger(__name__)
 

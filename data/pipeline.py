@@ -21,14 +21,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data.config import DataConfig
-from data.loader import Loader, RowStream, ShardStream, collate, eval_batches
-from data.mixture import MixtureSchedule
-from data.packing import PackedRows
-from data.prepare import dataset_groups
-from data.report import DataError
-from data.shards import ShardDataset
-from data.tokenizer import Tokenizer
+from forge_lm.data.config import DataConfig
+from forge_lm.data.loader import Loader, RowStream, ShardStream, collate, eval_batches
+from forge_lm.data.mixture import MixtureSchedule
+from forge_lm.data.packing import PackedRows
+from forge_lm.data.prepare import dataset_groups
+from forge_lm.data.report import DataError
+from forge_lm.data.shards import ShardDataset
+from forge_lm.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def open_prepared(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> ShardData
     if dataset.seq_len != cfg.seq_len:
         raise DataError(
             f"{path} holds sequences of {dataset.seq_len} tokens but data.seq_len={cfg.seq_len}: run "
-            "`python -m data.prepare` with this data config first."
+            "`forge prepare` with this data config first."
         )
     return dataset
 
@@ -59,7 +59,7 @@ def build_train_loader(
     for i, group in enumerate(groups):
         key = i if len(groups) > 1 else None
         if cfg.mode == "online":
-            from data.online import OnlineStream  # starts worker processes only when used
+            from forge_lm.data.online import OnlineStream  # starts worker processes only when used
 
             streams.append(OnlineStream(group.name, group.sources, cfg, tokenizer, key=key))
         else:
@@ -104,7 +104,7 @@ class ValBatches:
     def _online_rows(self) -> PackedRows:
         """Online: the first val rows of each source (in proportion, for a mixture), computed once."""
         if self._online is None:
-            from data.online import online_rows
+            from forge_lm.data.online import online_rows
 
             parts = [
                 online_rows(g.name, g.sources, self.cfg, self.tokenizer, "val", self.limit)

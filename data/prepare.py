@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from data.chunks import (
+from forge_lm.data.chunks import (
     SPLITS,
     Chunk,
     PackSpec,
@@ -49,9 +49,9 @@ from data.chunks import (
     split_of,
     tokenizer_key,
 )
-from data.config import DataConfig, SourceConfig
-from data.report import ERROR_REASONS, DataError, InputReport
-from data.shards import (
+from forge_lm.data.config import DataConfig, SourceConfig
+from forge_lm.data.report import ERROR_REASONS, DataError, InputReport
+from forge_lm.data.shards import (
     FORMAT,
     MANIFEST,
     ShardDataset,
@@ -60,9 +60,9 @@ from data.shards import (
     write_json_atomic,
     write_shard,
 )
-from data.sources import iter_sources, source_files
-from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_bpe
-from data.workers import WorkerPool, resolve_num_workers
+from forge_lm.data.sources import iter_sources, source_files
+from forge_lm.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_bpe
+from forge_lm.data.workers import WorkerPool, resolve_num_workers
 
 __all__ = ["DatasetGroup", "config_fingerprint", "dataset_groups", "ensure_tokenizer", "prepare", "split_of"]
 
@@ -526,24 +526,24 @@ def _write_manifests(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line: `python -m data.prepare [--verify] [Hydra overrides]`
+# Command line: `forge prepare [--verify] [Hydra overrides]`
 # ---------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
-    """`python -m data.prepare [--verify] [Hydra overrides]`: train the tokenizer if needed, write the shards."""
+    """`forge prepare [--verify] [Hydra overrides]`: train the tokenizer if needed, write the shards."""
     import sys
 
     import hydra
     from omegaconf import DictConfig
 
-    from trainer.config_store import register, to_config
+    from forge_lm.trainer.config_store import register, to_config
 
     register()
     if "--verify" in sys.argv:  # the same as the override data.verify=true
         sys.argv = [a for a in sys.argv if a != "--verify"] + ["data.verify=true"]
 
-    @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+    @hydra.main(version_base="1.3", config_path="pkg://forge_lm.configs", config_name="prepare")
     def _run(dcfg: DictConfig) -> None:
         try:
             cfg = to_config(dcfg).data

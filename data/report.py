@@ -1,6 +1,6 @@
 """Accounting of the input: every record read is either a kept document or skipped for a named reason.
 
-Silently dropped data is only noticed weeks later in a loss curve, so the readers in `data.sources` report
+Silently dropped data is only noticed weeks later in a loss curve, so the readers in `forge_lm.data.sources` report
 every record they cannot use to an `InputReport`: it counts skips per reason, remembers the first few
 `file:line` locations of each, and in strict mode turns the first real error into a `DataError` that names
 `file:line`. Its invariant, checked by `check_totals`, is that nothing goes missing:

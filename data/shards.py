@@ -36,8 +36,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data.packing import PackedRows, PackedSequence
-from data.report import DataError
+from forge_lm.data.packing import PackedRows, PackedSequence
+from forge_lm.data.report import DataError
 
 FORMAT = "packed-v2"
 MANIFEST = "manifest.json"
@@ -151,7 +151,7 @@ class ShardWriter:
     """Write packed rows one at a time into shards of `shard_sequences` rows, then the manifest.
 
     Use: `write()` every row, then `close(num_documents, dropped_tokens)` once. A stale manifest.json in
-    `out_dir` is deleted first, since its shards are about to be overwritten. (`data.prepare` writes whole
+    `out_dir` is deleted first, since its shards are about to be overwritten. (`forge_lm.data.prepare` writes whole
     work units with `write_shard` instead; this is the simple interface for rows produced one by one.)
     """
 
@@ -230,8 +230,8 @@ def read_manifest(path: str) -> dict:
     """The validated manifest.json of the split directory `path`."""
     manifest_file = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_file):
-        raise DataError(f"no {MANIFEST} in {path}: run `python -m data.prepare` first.")
-    redo = f"delete {path} and run `python -m data.prepare` again"
+        raise DataError(f"no {MANIFEST} in {path}: run `forge prepare` first.")
+    redo = f"delete {path} and run `forge prepare` again"
     try:
         with open(manifest_file, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -279,13 +279,13 @@ class ShardDataset:
         for kind in SHARD_FILES:
             if not os.path.isfile(paths[kind]):
                 raise DataError(
-                    f"{paths[kind]} is missing: delete {self.path} and run `python -m data.prepare` again."
+                    f"{paths[kind]} is missing: delete {self.path} and run `forge prepare` again."
                 )
         for file, size in expected.items():
             if os.path.getsize(file) != size:
                 raise DataError(
                     f"{file} has {os.path.getsize(file)} bytes, the manifest implies {size}: the shard is "
-                    f"truncated or stale; delete {self.path} and run `python -m data.prepare` again."
+                    f"truncated or stale; delete {self.path} and run `forge prepare` again."
                 )
 
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -344,7 +344,7 @@ class ShardDataset:
                 if digest.hexdigest() != entry["sha256"][kind]:
                     raise DataError(
                         f"shard {entry['name']} ({path}) is corrupt: its sha256 does not match the "
-                        f"manifest. Delete {self.path} and run `python -m data.prepare` again."
+                        f"manifest. Delete {self.path} and run `forge prepare` again."
                     )
 
     def __getstate__(self) -> dict:

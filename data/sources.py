@@ -32,8 +32,8 @@ from typing import IO, Any, Optional
 
 import zstandard
 
-from data.config import SourceConfig
-from data.report import DataError, InputReport
+from forge_lm.data.config import SourceConfig
+from forge_lm.data.report import DataError, InputReport
 
 __all__ = ["DataError", "Document", "expand_paths", "iter_documents", "iter_sources", "source_files"]
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
-from data.report import DataError
+from forge_lm.data.report import DataError
 
 logger = logging.getLogger(__name__)
 

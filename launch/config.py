@@ -1,7 +1,7 @@
 """`launch.*`: where and how a run is launched, and the Hydra composition the launch tools share.
 
-The launch tools (`python -m launch.slurm`, `python -m launch.plan`, `python -m launch.torchrun`) take the
-same overrides as `python -m trainer.train`, plus `launch.*` ones. They compose the primary config
+The launch tools (`forge slurm`, `forge plan`, `forge torchrun`) take the
+same overrides as `forge train`, plus `launch.*` ones. They compose the primary config
 `launch_job` (registered here, not a YAML file): the trainer's `config` tree plus the group `launch`
 (`configs/launch/default.yaml` over the `LaunchConfig` schema). The `launch` node is then split off and the
 rest validated exactly as the trainer validates it, with WORLD_SIZE set to `nodes * gpus_per_node`, so
@@ -17,12 +17,10 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-from trainer.config import Config, ConfigError
+from forge_lm.trainer.config import Config, ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRIMARY = "launch_job"
 
 # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
@@ -71,7 +69,7 @@ class LaunchConfig:
     """Environment variables for the job; they override the script's defaults (NCCL_*, OMP_NUM_THREADS...).
     Add one on the command line with `+launch.env.NCCL_DEBUG=INFO` (Hydra's `+` adds a key to a dict)."""
     python: Optional[str] = None
-    """Python interpreter the job runs; None: the one running `launch.slurm` (the same environment)."""
+    """Python interpreter the job runs; None: the one running `forge_lm.launch.slurm` (the same environment)."""
     log_dir: Optional[str] = None
     """Where the batch script and per-job logs go; None: <run_dir>/slurm."""
     dry_run: bool = False
@@ -79,10 +77,10 @@ class LaunchConfig:
 
     # ---- multi-node torchrun without SLURM ----
     rdzv_endpoint: Optional[str] = None
-    """`launch.torchrun` with nodes > 1: host:port of the rendezvous (the first node); run the same command on
+    """`forge_lm.launch.torchrun` with nodes > 1: host:port of the rendezvous (the first node); run the same command on
     every node."""
 
-    # ---- planner (`python -m launch.plan`) ----
+    # ---- planner (`forge plan`) ----
     gpu: str = "h100"
     """Device the planner assumes: one of launch.plan.GPUS (h100, h200, a100, b200, mi300x, ...)."""
     gpu_memory_gib: Optional[float] = None
@@ -114,7 +112,7 @@ class LaunchConfig:
             raise ConfigError(f"launch.memory_fraction={self.memory_fraction} must be in (0, 1], e.g. 0.9.")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise ConfigError(f"launch.gpu_memory_gib={self.gpu_memory_gib} must be positive (or null).")
-        from launch.plan import GPUS  # the table lives with the planner
+        from forge_lm.launch.plan import GPUS  # the table lives with the planner
 
         if self.gpu.lower() not in GPUS:
             raise ConfigError(f"launch.gpu={self.gpu!r} is not known: choose one of {', '.join(GPUS)}.")
@@ -139,7 +137,7 @@ def register() -> None:
     """Register the trainer's schema, the `launch` group's schema and the launch tools' primary config."""
     from hydra.core.config_store import ConfigStore
 
-    from trainer.config_store import register as register_trainer
+    from forge_lm.trainer.config_store import register as register_trainer
 
     register_trainer()
     cs = ConfigStore.instance()
@@ -172,27 +170,26 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def compose(overrides: Sequence[str]) -> tuple[Config, LaunchConfig]:
-    """Compose and validate: the run's Config (exactly as `trainer.train` will see it) and the LaunchConfig.
+    """Compose and validate: the run's Config (exactly as `forge_lm.trainer.train` will see it) and the LaunchConfig.
 
     The training config is composed from the trainer's own primary config with the non-launch overrides;
     the launch config from `launch_job` with the launch ones. Raises ConfigError naming the field and the
     fix, also when the parallel layout does not use exactly nodes * gpus_per_node processes.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config_store import to_config
+    from forge_lm.trainer.config_store import compose as compose_tree
+    from forge_lm.trainer.config_store import config_dir_as_override, to_config
 
     register()
-    train_overrides, launch_overrides = split_overrides(overrides)
+    train_overrides, launch_overrides = split_overrides(config_dir_as_override(overrides))
+    # A user's config folder may hold launch presets as well as experiments: both compositions search it.
+    search = [o for o in train_overrides if o.startswith("hydra.searchpath=")]
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            launch_node = hydra_compose(config_name=PRIMARY, overrides=launch_overrides).launch
-            launch = OmegaConf.to_object(launch_node)
-            dcfg = hydra_compose(config_name="config", overrides=train_overrides)
+        launch = OmegaConf.to_object(compose_tree(search + launch_overrides, PRIMARY).launch)
+        dcfg = compose_tree(train_overrides)
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as e:

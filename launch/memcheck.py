@@ -1,11 +1,11 @@
-"""Check the planner against a real run: `python -m launch.memcheck <overrides> [launch.gpu=h100]`.
+"""Check the planner against a real run: `forge memcheck <overrides> [launch.gpu=h100]`.
 
 Builds the real Engine for the config (alone, or under torchrun for a multi-rank layout), trains a few steps
 on random tokens, and prints, per rank, the planner's peak estimate for that rank next to the peak memory
 the run actually allocated (torch.cuda.max_memory_allocated on a GPU; on a CPU there is no allocator peak,
 so only the parameter / gradient / optimizer bytes are compared). Example on one GPU:
 
-    python -m launch.memcheck model=llama3_1b data.seq_len=2048 trainer.global_batch_tokens=8192 \\
+    forge memcheck model=llama3_1b data.seq_len=2048 trainer.global_batch_tokens=8192 \\
         trainer.micro_batch_size=2 parallel.activation_checkpointing=none launch.gpu=h100
 
 Exit status 0 when every rank's estimate is within `--tolerance` (default 0.15) of the measurement.
@@ -37,7 +37,7 @@ def _state_bytes(engine) -> dict[str, int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.memcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="forge memcheck", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--steps", type=int, default=3, help="training steps to run (the peak is the max over them)"
     )
@@ -49,12 +49,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from launch.config import compose
-    from launch.plan import estimate, rank_state
-    from trainer.config import ConfigError
-    from trainer.engine import Engine
-    from trainer.model import Decoder
-    from trainer.parallel.mesh import init_parallel, shutdown, world_from_env
+    from forge_lm.launch.config import compose
+    from forge_lm.launch.plan import estimate, rank_state
+    from forge_lm.trainer.config import ConfigError
+    from forge_lm.trainer.engine import Engine
+    from forge_lm.trainer.model import Decoder
+    from forge_lm.trainer.parallel.mesh import init_parallel, shutdown, world_from_env
 
     world, rank, local_rank = world_from_env()
     overrides = [o for o in args.overrides if not o.startswith(("launch.nodes=", "launch.gpus_per_node="))]

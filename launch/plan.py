@@ -1,10 +1,10 @@
-"""Will this layout fit, and how fast will it go? `python -m launch.plan <overrides> launch.nodes=... ...`
+"""Will this layout fit, and how fast will it go? `forge plan <overrides> launch.nodes=... ...`
 
 Starts no process group and needs no GPU: the model is built on the meta device (exact parameter shapes, no
-memory), the parallel layout is the one the job will get (validated exactly as `trainer.train` validates it,
+memory), the parallel layout is the one the job will get (validated exactly as `forge_lm.trainer.train` validates it,
 with WORLD_SIZE = nodes * gpus_per_node), and each rank's share is worked out the way the trainer shards:
 
-    python -m launch.plan model=llama3_8b data.seq_len=8192 model.max_seq_len=8192 \\
+    forge plan model=llama3_8b data.seq_len=8192 model.max_seq_len=8192 \\
         trainer.global_batch_tokens=1048576 trainer.micro_batch_size=1 launch.gpus_per_node=8 launch.gpu=h100
 
 It prints the mesh, the derived micro-batch and accumulation, parameters and FLOPs per token, a per-rank
@@ -15,7 +15,7 @@ the changes that would make it fit; a config the trainer would reject is refused
 How each rank's bytes are counted (torch backend; `docs/launch.md` has the derivation):
 
 - parameters: fp32 master weights. The pipeline stage decides which tensors a rank holds (embedding on the
-  first stage, final norm and output on the last, layers split as `trainer.parallel.pipeline` splits them);
+  first stage, final norm and output on the last, layers split as `forge_lm.trainer.parallel.pipeline` splits them);
   tensor parallelism splits q/k/v, MLP up/gate and the embedding/output by rows, attention out and MLP
   down by columns (norms are replicated); FSDP2 then splits dim 0 of that over dp_shard, each shard padded
   to ceil(rows / dp_shard) rows. HSDP replicas (dp_replicate) hold the same shard.
@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from trainer.config import PP_SCHEDULES, Config, ConfigError, ParallelConfig
+from forge_lm.trainer.config import PP_SCHEDULES, Config, ConfigError, ParallelConfig
 
 GIB = 2**30
 
@@ -126,8 +126,8 @@ def param_specs(model_cfg, n_stages: int) -> list[ParamSpec]:
 def _param_specs(model_cfg, n_stages: int) -> list[ParamSpec]:
     import torch
 
-    from trainer.model import Decoder
-    from trainer.parallel.pipeline import split_layers
+    from forge_lm.trainer.model import Decoder
+    from forge_lm.trainer.parallel.pipeline import split_layers
 
     with torch.device("meta"):
         model = Decoder(model_cfg)
@@ -203,7 +203,7 @@ def rank_coords(p: ParallelConfig, rank: int) -> tuple[int, int, int, int]:
 
 def rank_state(cfg: Config, rank: int, specs: Optional[list[ParamSpec]] = None) -> RankState:
     """Exact parameter / gradient / optimizer bytes of `rank` under cfg's layout (torch backend, fp32 master)."""
-    from trainer.parallel.pipeline import split_layers, stage_ids_for_rank
+    from forge_lm.trainer.parallel.pipeline import split_layers, stage_ids_for_rank
 
     p = cfg.parallel
     n_stages = p.pp * p.stages_per_rank
@@ -388,7 +388,7 @@ def _fill_vocab(cfg: Config) -> str:
     """model.vocab_size null means "from the tokenizer": read it if the tokenizer exists, else estimate."""
     if cfg.model.vocab_size is not None:
         return ""
-    from data.tokenizer import has_tokenizer, load_tokenizer
+    from forge_lm.data.tokenizer import has_tokenizer, load_tokenizer
 
     path = cfg.data.tokenizer.path
     if has_tokenizer(path):
@@ -402,7 +402,7 @@ def _fill_vocab(cfg: Config) -> str:
 
 def estimate(cfg: Config, launch, worst_only: bool = True) -> Plan:
     """The plan for `cfg` on `launch` (a LaunchConfig). Does not suggest fixes (see `plan`)."""
-    from trainer.metrics import peak_flops
+    from forge_lm.trainer.metrics import peak_flops
 
     gpu = GPUS[launch.gpu]
     vocab_note = _fill_vocab(cfg)
@@ -490,7 +490,7 @@ def _model_counts(model_cfg, seq_len: int) -> tuple[int, int, int]:
     if key not in _COUNTS:
         import torch
 
-        from trainer.model import Decoder
+        from forge_lm.trainer.model import Decoder
 
         with torch.device("meta"):
             model = Decoder(model_cfg)
@@ -503,7 +503,7 @@ def _model_counts(model_cfg, seq_len: int) -> tuple[int, int, int]:
 
 
 def _stage_layers(cfg: Config, st: RankState) -> list[list[int]]:
-    from trainer.parallel.pipeline import split_layers
+    from forge_lm.trainer.parallel.pipeline import split_layers
 
     split = split_layers(cfg.model.n_layers, cfg.parallel.pp * cfg.parallel.stages_per_rank)
     return [split[s] for s in st.stage_ids]
@@ -537,7 +537,7 @@ def _variant(
     nodes: Optional[int] = None,
 ):
     """A validated copy of (cfg, launch) with some fields changed, or None if the trainer would refuse it."""
-    from launch.config import _world_size
+    from forge_lm.launch.config import _world_size
 
     launch2 = dataclasses.replace(launch, nodes=nodes) if nodes else launch
     try:
@@ -704,7 +704,7 @@ def render(pl: Plan) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from launch.config import compose
+    from forge_lm.launch.config import compose
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):

@@ -1,9 +1,9 @@
-"""Submit a training run to SLURM: `python -m launch.slurm submit <overrides> launch.nodes=2 ...`.
+"""Submit a training run to SLURM: `forge slurm submit <overrides> launch.nodes=2 ...`.
 
-    python -m launch.slurm submit experiment=quickstart launch.nodes=2 launch.gpus_per_node=8 \\
+    forge slurm submit experiment=quickstart launch.nodes=2 launch.gpus_per_node=8 \\
         launch.partition=gpu launch.time=24:00:00 [--dry-run]
 
-Everything is checked before anything is submitted: the config (as `trainer.train` will validate it, with
+Everything is checked before anything is submitted: the config (as `forge_lm.trainer.train` will validate it, with
 WORLD_SIZE = nodes * gpus_per_node, which must equal the parallel layout's size), `sbatch` on the PATH, the
 controller answering, the partition existing and having enough nodes. Then the batch script is rendered
 from the config, saved as <run_dir>/slurm/job-<id>.sh, submitted with `sbatch`, and the job id and the log
@@ -25,7 +25,7 @@ What the batch script does (see `SCRIPT` below, which is the whole of it):
 - The traps only set a variable and `srun` runs in the background under `wait`: two signals arriving
   together (SLURM sends SIGCONT and SIGUSR1 as two concurrent RPCs) cannot break the handler.
 
-Exit status of `launch.slurm`: 0 submitted (or printed), 2 bad config or bad cluster, 1 sbatch failed.
+Exit status of `forge slurm`: 0 submitted (or printed), 2 bad config or bad cluster, 1 sbatch failed.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from launch.config import LaunchConfig, compose, split_overrides
-from launch.torchrun import torchrun_command
-from trainer.config import Config, ConfigError
+from forge_lm.launch.config import LaunchConfig, compose, split_overrides
+from forge_lm.launch.torchrun import torchrun_command
+from forge_lm.trainer.config import Config, ConfigError
+from forge_lm.trainer.config_store import config_dir_as_override
 
 STOP_FILE_ENV = "TRAINER_STOP_FILE"  # trainer.preemption reads these two
 REQUEUE_FILE_ENV = "TRAINER_REQUEUE_FILE"
@@ -66,7 +67,7 @@ DEFAULT_ENV = {
 
 SCRIPT = """\
 #!/bin/bash
-# Rendered by `python -m launch.slurm submit` on {date}: run '{name}', {nodes} node(s) x {per_node} process(es).
+# Rendered by `forge slurm submit` on {date}: run '{name}', {nodes} node(s) x {per_node} process(es).
 #   {command}
 {sbatch}
 
@@ -184,7 +185,7 @@ def _sh(token: str) -> str:
 def _format_command(cmd: Sequence[str], width: int = 100) -> str:
     """The torchrun command over several lines: the program, one flag per line, then the trainer's overrides."""
     head_end = cmd.index("torch.distributed.run") + 1
-    module = len(cmd) - cmd[::-1].index("-m") - 1  # the last "-m": "-m trainer.train"
+    module = len(cmd) - cmd[::-1].index("-m") - 1  # the last "-m": "-m forge_lm.trainer.train"
     lines = [" ".join(_sh(t) for t in cmd[:head_end])]
     lines += [_sh(t) for t in cmd[head_end:module]]
     line = " ".join(_sh(t) for t in cmd[module : module + 2])
@@ -247,7 +248,7 @@ def render(cfg: Config, launch: LaunchConfig, train_overrides: Sequence[str], co
         name=cfg.name,
         nodes=launch.nodes,
         per_node=launch.gpus_per_node,
-        command=command or "python -m launch.slurm submit " + shlex.join(train_overrides),
+        command=command or "forge slurm submit " + shlex.join(train_overrides),
         sbatch="\n".join(f"#SBATCH {arg}" for arg in sbatch),
         setup="\n".join(launch.setup) if launch.setup else "# (no launch.setup lines)",
         env="\n".join(env_lines),
@@ -332,22 +333,25 @@ def submit(script: str, log_dir: Path) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.slurm",
+        prog="forge slurm",
         description="Submit a training run to SLURM (see the module docstring).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_submit = sub.add_parser("submit", help="render the batch script and sbatch it")
     p_submit.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+    p_submit.add_argument("--config-dir", "-cd", help="your own config folder, beside the shipped configs")
     p_submit.add_argument("overrides", nargs="*", help="Hydra overrides, trainer's and launch.*")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     try:
+        if args.config_dir:  # the job gets it as hydra.searchpath, an absolute path
+            args.overrides = config_dir_as_override(["--config-dir", args.config_dir, *args.overrides])
         cfg, launch = compose(args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     train_overrides, _ = split_overrides(args.overrides)
-    command = "python -m launch.slurm submit " + shlex.join(args.overrides)
+    command = "forge slurm submit " + shlex.join(args.overrides)
     script = render(cfg, launch, train_overrides, command)
     if args.dry_run or launch.dry_run:
         print(script, end="")

@@ -1,15 +1,15 @@
-"""Fill in torchrun's flags from `launch.*`: `python -m launch.torchrun <overrides> launch.gpus_per_node=8`.
+"""Fill in torchrun's flags from `launch.*`: `forge torchrun <overrides> launch.gpus_per_node=8`.
 
-It adds nothing the trainer lacks: it validates the config (the same checks `trainer.train` makes, with the
+It adds nothing the trainer lacks: it validates the config (the same checks `forge_lm.trainer.train` makes, with the
 world size the flags will give, so a layout that does not match fails here, before any process starts),
 prints the torchrun command and runs it. Everything it does by hand:
 
-    torchrun --standalone --nproc-per-node 8 -m trainer.train <overrides>                       # one node
+    torchrun --standalone --nproc-per-node 8 -m forge_lm.trainer.train <overrides>                       # one node
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node001:29500 \\
-        --rdzv-id myrun -m trainer.train <overrides>                                         # on each node
+        --rdzv-id myrun -m forge_lm.trainer.train <overrides>                                         # on each node
 
 `launch.nodes=2 launch.rdzv_endpoint=node001:29500` gives the second form (run the same command on every
-node). A single-device run needs no launcher at all: `python -m trainer.train <overrides>`.
+node). A single-device run needs no launcher at all: `forge train <overrides>`.
 Add `--dry-run` (or launch.dry_run=true) to print the command only.
 """
 
@@ -21,8 +21,9 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from launch.config import compose, split_overrides
-from trainer.config import ConfigError
+from forge_lm.launch.config import compose, split_overrides
+from forge_lm.trainer.config import ConfigError
+from forge_lm.trainer.config_store import config_dir_as_override
 
 
 def torchrun_command(
@@ -33,7 +34,7 @@ def torchrun_command(
     rdzv_endpoint: Optional[str] = None,
     rdzv_id: Optional[str] = None,
 ) -> list[str]:
-    """`python -m torch.distributed.run ... -m trainer.train <overrides>`.
+    """`python -m torch.distributed.run ... -m forge_lm.trainer.train <overrides>`.
 
     One node without an endpoint: --standalone (a local rendezvous on a free port). Otherwise c10d
     rendezvous at `rdzv_endpoint` (host:port of the first node); `rdzv_id` names the job's rendezvous.
@@ -50,7 +51,7 @@ def torchrun_command(
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
         if rdzv_id:
             cmd.append(f"--rdzv-id={rdzv_id}")
-    cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0", "-m", "trainer.train", *overrides]
+    cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0", "-m", "forge_lm.trainer.train", *overrides]
     return cmd
 
 
@@ -62,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dry_run = "--dry-run" in args
     args = [a for a in args if a != "--dry-run"]
     try:
+        args = config_dir_as_override(args)  # the job gets it as hydra.searchpath, an absolute path
         cfg, launch = compose(args)
         train_overrides, _ = split_overrides(args)
         cmd = torchrun_command(

@@ -19,15 +19,10 @@ CONFIG_DIR = REPO / "configs"
 
 
 def compose_config(*overrides: str):
-    """Compose the Hydra config tree with overrides, as `python -m trainer.train` would, and validate it."""
-    from hydra import compose, initialize_config_dir
+    """Compose the Hydra config tree with overrides, as `forge train` would, and validate it."""
+    from forge_lm.trainer.config_store import compose, to_config
 
-    from trainer.config_store import register, to_config
-
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=list(overrides))
-    return to_config(dcfg)
+    return to_config(compose(overrides))
 
 
 @pytest.fixture(scope="session")

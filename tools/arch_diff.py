@@ -1,8 +1,7 @@
 """Which knobs really differ between two architectures, and what that does to size and compute.
 
-    python -m tools.arch_diff qwen3 gemma3                 two families, at the same generic shape (--size)
-    python -m tools.arch_diff qwen3_0.6b gemma3_1b_pt      two presets as released
-    python tools/arch_diff.py llama3 olmo2 --size 125m --seq-len 2048
+    forge arch-diff qwen3 gemma3                 two families, at the same generic shape (--size)
+    forge arch-diff qwen3_0.6b gemma3_1b_pt      two presets as released
 
 Presets are defined in trainer/model/families.py; knobs are documented in trainer/model/config.py.
 """
@@ -12,13 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.model.families import DEFAULT_SIZE, SIZES  # noqa: E402
-from trainer.model.summary import counts, differing_knobs, human, resolve  # noqa: E402
+from forge_lm.trainer.model.families import DEFAULT_SIZE, SIZES
+from forge_lm.trainer.model.summary import counts, differing_knobs, human, resolve
 
 
 def render(a: str, b: str, size: str = DEFAULT_SIZE, seq_len: int = 4096, vocab: int | None = None) -> str:

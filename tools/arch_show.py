@@ -1,8 +1,7 @@
 """A model summary: the knobs that make the architecture, parameters per module, FLOPs per token.
 
-    python -m tools.arch_show qwen3_0.6b
-    python -m tools.arch_show gemma3 --size 125m --seq-len 2048
-    python tools/arch_show.py mixtral_8x7b
+    forge arch-show qwen3_0.6b
+    forge arch-show gemma3 --size 125m --seq-len 2048
 
 Presets are defined in trainer/model/families.py; nothing is allocated (the model is built on the meta device).
 """
@@ -11,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.model.config import ModelConfig  # noqa: E402
-from trainer.model.families import DEFAULT_SIZE, RELEASED_SOURCES, SIZES  # noqa: E402
-from trainer.model.summary import counts, human, knob_values, module_rows, resolve  # noqa: E402
+from forge_lm.trainer.model.config import ModelConfig
+from forge_lm.trainer.model.families import DEFAULT_SIZE, RELEASED_SOURCES, SIZES
+from forge_lm.trainer.model.summary import counts, human, knob_values, module_rows, resolve
 
 
 def render(name: str, size: str = DEFAULT_SIZE, seq_len: int = 4096, vocab: int | None = None) -> str:

@@ -1,12 +1,12 @@
 """Benchmark of the data pipeline against the ceiling set by the tokenizer itself (a script, not a test).
 
-    python -m tools.bench_data [--mb 20] [--tokenizer tests/assets/tokenizers/gpt2] [--workers N] [--repeat 5]
+    forge bench data [--mb 20] [--tokenizer tests/assets/tokenizers/gpt2] [--workers N] [--repeat 5]
 
 On the same text (CPython's standard library sources and the Shakespeare corpus, written once as a .jsonl
 file), in one run, it measures:
 
   (a) ceiling    raw `tokenizers` encode_batch on one core, texts already in memory
-  (b) prepare    `data.prepare` end to end (read, tokenize, pack, write shards + manifest) with 1 worker
+  (b) prepare    `forge_lm.data.prepare` end to end (read, tokenize, pack, write shards + manifest) with 1 worker
                  process and with N, and in the calling process (num_workers=0)
   (c) baseline   `datasets.load_dataset("json")` + `Dataset.map(batched=True)` with the same tokenizer, what
                  users do today, with num_proc=1 and N
@@ -37,17 +37,19 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"  # shipped inside forge_lm.data
+# The GPT-2 tokenizer the tests use; only in a source checkout, so elsewhere --tokenizer is required.
+CHECKOUT_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tokenizers" / "gpt2"
 
 
 def build_corpus(path: Path, megabytes: float) -> list[str]:
     """Shakespeare's scenes, then CPython modules, until `megabytes` of text; written as .jsonl."""
-    from data.config import SourceConfig
-    from data.report import InputReport
-    from data.sources import iter_documents
+    from forge_lm.data.config import SourceConfig
+    from forge_lm.data.report import InputReport
+    from forge_lm.data.sources import iter_documents
 
     sources = [
-        SourceConfig(name="shakespeare", paths=[str(REPO / "data" / "corpora" / "shakespeare.jsonl.zst")]),
+        SourceConfig(name="shakespeare", paths=[str(CORPORA / "shakespeare.jsonl.zst")]),
         SourceConfig(
             name="cpython",
             paths=[f"{sysconfig.get_paths()['stdlib']}/**/*.py"],
@@ -90,13 +92,18 @@ def measure(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, tup
 
 
 def main() -> None:
-    from data.workers import available_cpus
+    from forge_lm.data.workers import available_cpus
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mb", type=float, default=20.0, help="megabytes of text (default 20)")
-    parser.add_argument("--tokenizer", default=str(REPO / "tests" / "assets" / "tokenizers" / "gpt2"))
+    parser.add_argument(
+        "--tokenizer",
+        default=str(CHECKOUT_TOKENIZER) if CHECKOUT_TOKENIZER.is_dir() else None,
+        required=not CHECKOUT_TOKENIZER.is_dir(),
+        help="a tokenizer.json or its folder (default in a source checkout: tests/assets/tokenizers/gpt2)",
+    )
     parser.add_argument("--workers", type=int, default=available_cpus(), help="N (default: available cores)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per timing, best kept (default 5)")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -106,11 +113,11 @@ def main() -> None:
 
     import numpy as np
 
-    from data.config import DataConfig, SourceConfig, TokenizerConfig
-    from data.loader import Loader
-    from data.prepare import prepare
-    from data.shards import ShardDataset
-    from data.tokenizer import load_tokenizer
+    from forge_lm.data.config import DataConfig, SourceConfig, TokenizerConfig
+    from forge_lm.data.loader import Loader
+    from forge_lm.data.prepare import prepare
+    from forge_lm.data.shards import ShardDataset
+    from forge_lm.data.tokenizer import load_tokenizer
 
     work = Path(args.out or tempfile.mkdtemp(prefix="bench_data-"))
     work.mkdir(parents=True, exist_ok=True)

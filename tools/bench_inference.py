@@ -1,8 +1,8 @@
 """Inference throughput: prefill and decode tokens/s of the KV-cache Generator, side by side with
 `transformers.generate` on the same model (same weights) and the same prompts, in one run.
 
-    python -m tools.bench_inference                                   # CPU defaults: tiny model, batch 1 and 8
-    python -m tools.bench_inference --preset 1b --device cuda --dtype bf16 --prompt 512 --new 256
+    forge bench inference                                   # CPU defaults: tiny model, batch 1 and 8
+    forge bench inference --preset 1b --device cuda --dtype bf16 --prompt 512 --new 256
 
 Both implementations run greedy decoding, interleaved (ours, theirs, ours, theirs, ...) so machine noise
 hits both alike; the median of --repeats runs is reported. Prefill time is a 1-new-token generation;
@@ -26,11 +26,11 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.hub import to_hf
-from trainer.inference import Generator
-from trainer.metrics import device_name
-from trainer.model import Decoder
-from trainer.model.families import preset
+from forge_lm.trainer.hub import to_hf
+from forge_lm.trainer.inference import Generator
+from forge_lm.trainer.metrics import device_name
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.families import preset
 
 # Peak HBM bandwidth, bytes/s (vendor datasheets).
 PEAK_HBM_BYTES = {

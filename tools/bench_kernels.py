@@ -1,8 +1,8 @@
 """Speed and memory of the fused Triton kernels against their references (plain and torch.compile'd).
 
-    python -m tools.bench_kernels                                  # on a CUDA GPU, Llama-1B-like shapes
-    python -m tools.bench_kernels --kernels cross_entropy --vocab 128256 --tokens 8192 --d-model 2048
-    python -m tools.bench_kernels --json bench.json                # also write the rows as JSON
+    forge bench kernels                                  # on a CUDA GPU, Llama-1B-like shapes
+    forge bench kernels --kernels cross_entropy --vocab 128256 --tokens 8192 --d-model 2048
+    forge bench kernels --json bench.json                # also write the rows as JSON
 
 For each kernel it times forward + backward (median ms, triton.testing.do_bench) and records the peak
 memory that one forward + backward adds on top of its inputs, for: `triton` (the fused kernel),
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.kernels import reference
+from forge_lm.trainer.kernels import reference
 
 KERNELS = ("rms_norm", "rope", "gated", "cross_entropy")
 IMPLS = ("triton", "reference", "compiled")
@@ -36,13 +36,13 @@ IMPLS = ("triton", "reference", "compiled")
 def _triton_module(kernel: str):
     """The fused implementation, called directly (not through the dispatch) so nothing can fall back."""
     if kernel == "rms_norm":
-        from trainer.kernels import triton_rms_norm as mod
+        from forge_lm.trainer.kernels import triton_rms_norm as mod
     elif kernel == "rope":
-        from trainer.kernels import triton_rope as mod
+        from forge_lm.trainer.kernels import triton_rope as mod
     elif kernel == "gated":
-        from trainer.kernels import triton_gated as mod
+        from forge_lm.trainer.kernels import triton_gated as mod
     else:
-        from trainer.kernels import triton_cross_entropy as mod
+        from forge_lm.trainer.kernels import triton_cross_entropy as mod
     return mod
 
 

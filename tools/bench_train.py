@@ -1,8 +1,8 @@
 """Training throughput: tokens/s and MFU of the framework's train step, side by side with a plain
 `transformers` LlamaForCausalLM train step of the same model (same weights, batch and optimizer).
 
-    python -m tools.bench_train                          # CPU-sized defaults
-    python -m tools.bench_train --preset 1b --seq 4096 --batch 1 --compile --device cuda
+    forge bench train                          # CPU-sized defaults
+    forge bench train --preset 1b --seq 4096 --batch 1 --compile --device cuda
 
 Both steps run interleaved in one process (A, B, A, B, ...) so machine noise hits both alike; the
 ratio is framework / transformers. MFU uses 6N + 12*L*H*Q*T FLOPs per token and the device's peak
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from trainer.config import TrainerConfig
-from trainer.hub import to_hf
-from trainer.loss import lm_loss
-from trainer.metrics import device_name, peak_flops
-from trainer.model import Decoder, ModelConfig
-from trainer.optim import build_optimizer
+from forge_lm.trainer.config import TrainerConfig
+from forge_lm.trainer.hub import to_hf
+from forge_lm.trainer.loss import lm_loss
+from forge_lm.trainer.metrics import device_name, peak_flops
+from forge_lm.trainer.model import Decoder, ModelConfig
+from forge_lm.trainer.optim import build_optimizer
 
 PRESETS = {
     "tiny": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192),

@@ -1,6 +1,6 @@
 """Export a training checkpoint to a Hugging Face folder.
 
-    python -m tools.export_hf runs/quickstart/checkpoints/step_0000300 out_dir [--tokenizer PATH]
+    forge export runs/quickstart/checkpoints/step_0000300 out_dir [--tokenizer PATH]
 
 The model configuration and tokenizer location are read from the checkpoint itself, and a
 checkpoint written under any parallel layout (FSDP, TP, PP) consolidates into one unsharded model.
@@ -12,10 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.tokenizer import load_tokenizer
-from trainer.checkpoint import CheckpointError, load_model_weights, read_train_state
-from trainer.hub import to_hf
-from trainer.model import Decoder, ModelConfig
+from forge_lm.data.tokenizer import load_tokenizer
+from forge_lm.trainer.checkpoint import CheckpointError, load_model_weights, read_train_state
+from forge_lm.trainer.hub import to_hf
+from forge_lm.trainer.model import Decoder, ModelConfig
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_path: str | None = None) -> Path:

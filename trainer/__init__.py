@@ -1,4 +1,4 @@
 """Model, training loop, checkpoints, evaluation, inference and Hugging Face interop.
 
-Entry point: `python -m trainer.train [Hydra overrides]`.
+Entry point: `forge train [Hydra overrides]`.
 """

@@ -1,7 +1,7 @@
 """The run's configuration: typed dataclasses behind the Hydra config tree in `configs/`.
 
 Hydra composes the YAML files and command-line overrides onto these dataclasses (registered as
-structured configs in `trainer.config_store`), so an unknown field or a wrongly typed value fails
+structured configs in `forge_lm.trainer.config_store`), so an unknown field or a wrongly typed value fails
 during composition, and `__post_init__` checks the values themselves before anything starts.
 """
 
@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from data.config import DataConfig
-from trainer.model.config import ConfigError, ModelConfig
+from forge_lm.data.config import DataConfig
+from forge_lm.trainer.model.config import ConfigError, ModelConfig
 
 __all__ = [
     "Config",
@@ -222,7 +222,7 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during and after training, and of a saved model (`python -m trainer.eval`); docs/eval.md.
+    """Evaluation during and after training, and of a saved model (`forge eval`); docs/eval.md.
 
     Each evaluation measures the validation loss, perplexity and bits per byte (overall and per data source),
     scores the benchmark tasks of `tasks`, and samples a continuation for each of `prompts`.
@@ -241,7 +241,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     """Benchmark files scored at every evaluation: 'path' or 'name:path', in the public formats of HellaSwag,
     ARC, PIQA, LAMBADA, WikiText (JSON lines) or a BIG-bench task.json; the format is recognised from the file.
-    Relative paths are looked up in the working directory, then in the source tree (data/evalsets/...)."""
+    Relative paths are looked up in the working directory, then among the task files shipped in the package
+    (data/evalsets: 'bigbench/code_line_description/task.json')."""
     task_limit: Optional[int] = None
     """Score at most the first this-many examples of each task (as `lm_eval --limit`); None: all."""
     task_batch_size: int = 16
@@ -258,16 +259,16 @@ class EvalConfig:
     top_k: int = 40
     """Sample among the top-k tokens only; 0: all."""
     checkpoint: Optional[str] = None
-    """`python -m trainer.eval` only: the model to evaluate: a checkpoint directory (…/checkpoints/step_N, any
+    """`forge eval` only: the model to evaluate: a checkpoint directory (…/checkpoints/step_N, any
     parallel layout), a run directory (its latest complete checkpoint) or a Hugging Face model folder."""
     tokenizer: Optional[str] = None
-    """`python -m trainer.eval` only: tokenizer to use instead of the model's own (the one its run recorded, or
+    """`forge eval` only: tokenizer to use instead of the model's own (the one its run recorded, or
     the one in the Hugging Face folder)."""
     validation: bool = True
-    """`python -m trainer.eval` only: also measure the validation numbers on `data`, when the data's tokenizer
+    """`forge eval` only: also measure the validation numbers on `data`, when the data's tokenizer
     is the model's (prepared first if missing); skipped with a note otherwise. Training always measures them."""
     output: Optional[str] = None
-    """`python -m trainer.eval` only: also write the results as JSON to this file."""
+    """`forge eval` only: also write the results as JSON to this file."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.max_batches < 1 or self.batch_size < 1:

@@ -1,20 +1,28 @@
-"""Registers the typed schema with Hydra and turns a composed config into validated dataclasses."""
+"""Registers the typed schema with Hydra, composes the config tree and turns it into validated dataclasses.
+
+The tree ships inside the package (`forge_lm.configs`, found through importlib.resources, Hydra's
+`pkg://`), so it is found the same way from a wheel, an editable install or a checkout. A user's own
+config folder joins it with `--config-dir DIR` (every `forge` command that composes configs takes it):
+its groups sit beside the shipped ones, so `experiment=mine` from DIR/experiment/mine.yaml can pick
+`model=qwen3_tiny` from the package.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import ConfigError as DataConfigError
-from data.config import register_resolvers
-from trainer.config import Config, ConfigError, ParallelConfig
-from trainer.model.config import ModelConfig
+from forge_lm.data.config import ConfigError as DataConfigError
+from forge_lm.data.config import register_resolvers
+from forge_lm.trainer.config import Config, ConfigError, ParallelConfig
+from forge_lm.trainer.model.config import ModelConfig
 
 
 def schema() -> DictConfig:
@@ -32,6 +40,52 @@ def schema() -> DictConfig:
     return node
 
 
+CONFIG_MODULE = "forge_lm.configs"
+"""The shipped config tree, as a package: `pkg://forge_lm.configs` in Hydra's terms."""
+
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+"""Hydra's own flag for an extra config folder; `forge train` and `forge prepare` get it from Hydra itself."""
+
+
+def config_dir_as_override(args: Sequence[str]) -> list[str]:
+    """Replace `--config-dir DIR` (or `--config-dir=DIR`, `-cd DIR`) by the override that puts DIR on
+    Hydra's search path, `hydra.searchpath=[file:///abs/DIR]`.
+
+    The override form travels: the launch tools pass it on to the training command they build, and both
+    Hydra's compose API and `forge train` accept it.
+    """
+    out: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag not in CONFIG_DIR_FLAGS:
+            out.append(arg)
+            continue
+        if not eq:
+            if not rest:
+                raise ConfigError(f"{flag} needs a folder: {flag} my_configs")
+            value = rest.pop(0)
+        folder = Path(value).expanduser().resolve()
+        if not folder.is_dir():
+            raise ConfigError(
+                f"{flag} {value}: no such folder ({folder}). Give the folder that holds your config groups, "
+                "e.g. my_configs with my_configs/experiment/mine.yaml."
+            )
+        out.append(f"hydra.searchpath=[file://{folder}]")
+    return out
+
+
+def compose(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+    """The shipped tree composed with `overrides` (which may hold `--config-dir DIR`), not yet validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=config_dir_as_override(overrides))
+
+
 def register() -> None:
     register_resolvers()
     ConfigStore.instance().store(name="base_config", node=schema())
@@ -45,7 +99,7 @@ def to_config(cfg: DictConfig) -> Config:
     unknown = list(_unknown_keys(cfg, Config, ""))
     if unknown:
         raise ConfigError(
-            f"unknown config field(s): {', '.join(unknown)}. Check the spelling against `python -m trainer.train "
+            f"unknown config field(s): {', '.join(unknown)}. Check the spelling against `forge train "
             "--cfg job`, which lists every field."
         )
     try:

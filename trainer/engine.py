@@ -19,16 +19,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from trainer import checkpoint as ckpt
-from trainer.config import Config
-from trainer.eval.scorers import EvalModel
-from trainer.loss import IGNORE_INDEX, lm_loss
-from trainer.model import Decoder
-from trainer.optim import build_optimizer
-from trainer.parallel.mesh import ParallelDims
-from trainer.parallel.parallelize import parallelize, uses_fsdp
-from trainer.parallel.pipeline import Pipeline, build_pipeline, stage_ids_for_rank
-from trainer.schedule import build_scheduler
+from forge_lm.trainer import checkpoint as ckpt
+from forge_lm.trainer.config import Config
+from forge_lm.trainer.eval.scorers import EvalModel
+from forge_lm.trainer.loss import IGNORE_INDEX, lm_loss
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.parallel.parallelize import parallelize, uses_fsdp
+from forge_lm.trainer.parallel.pipeline import Pipeline, build_pipeline, stage_ids_for_rank
+from forge_lm.trainer.schedule import build_scheduler
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.config import WandbConfig
+from forge_lm.trainer.config import WandbConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import TrainerConfig
+from forge_lm.trainer.config import TrainerConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

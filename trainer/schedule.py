@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from trainer.config import TrainerConfig
+from forge_lm.trainer.config import TrainerConfig
 
 
 def lr_multiplier(step: int, cfg: TrainerConfig) -> float:

@@ -1,4 +1,4 @@
-"""The training entry point: `python -m trainer.train [Hydra overrides]`.
+"""The training entry point: `forge train [Hydra overrides]`.
 
 One run, in order: tokenizer (trained if missing) -> packed shards (prepared if missing) ->
 model -> optimizer and schedule -> resume from the latest complete checkpoint -> train with
@@ -24,23 +24,23 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data.pipeline import build_train_loader, build_val_batches
-from data.prepare import ensure_tokenizer, prepare
-from data.sources import DataError
-from data.tokenizer import Tokenizer
-from trainer import checkpoint as ckpt
-from trainer.config import Config, ConfigError
-from trainer.config_store import register, to_config
-from trainer.engine import Engine
-from trainer.eval.evaluator import EvalResult, Evaluator
-from trainer.eval.scorers import EvalModel
-from trainer.eval.validation import build_val_sets
-from trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
-from trainer.model import Decoder
-from trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
-from trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
+from forge_lm.data.pipeline import build_train_loader, build_val_batches
+from forge_lm.data.prepare import ensure_tokenizer, prepare
+from forge_lm.data.sources import DataError
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer import checkpoint as ckpt
+from forge_lm.trainer.config import Config, ConfigError
+from forge_lm.trainer.config_store import register, to_config
+from forge_lm.trainer.engine import Engine
+from forge_lm.trainer.eval.evaluator import EvalResult, Evaluator
+from forge_lm.trainer.eval.scorers import EvalModel
+from forge_lm.trainer.eval.validation import build_val_sets
+from forge_lm.trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
+from forge_lm.trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 
-logger = logging.getLogger("trainer")
+logger = logging.getLogger("forge_lm.trainer")
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     cfg.model.with_vocab(tokenizer.vocab_size)
     model = Decoder.build(cfg.model, device=device, seed=cfg.trainer.seed)
     if cfg.trainer.backend == "deepspeed":
-        from trainer.parallel.deepspeed import DeepSpeedEngine
+        from forge_lm.trainer.parallel.deepspeed import DeepSpeedEngine
 
         engine = DeepSpeedEngine(cfg, dims, device, model)
     else:
@@ -342,7 +342,7 @@ def _export_and_sample(
     """Export the finished model; take the samples of the final evaluation. Returns the tasks and samples
     evaluated here on the consolidated model when the training layout could not run them (else None)."""
     if cfg.trainer.export_hf:
-        from trainer.hub import to_hf
+        from forge_lm.trainer.hub import to_hf
 
         result.hf_dir = Path(to_hf(model, result.run_dir / "hf", tokenizer=tokenizer))
         logger.info("exported a Hugging Face folder to %s", result.hf_dir)
@@ -411,7 +411,7 @@ def _print_summary(cfg: Config, r: RunResult, tokenizer_path: str) -> None:
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://forge_lm.configs", config_name="config")
 def main(dcfg: DictConfig) -> Any:
     _own_run_dir_per_sweep_job(dcfg)
     try:

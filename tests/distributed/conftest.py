@@ -1,6 +1,6 @@
 """Real multi-process runs: `torchrun` launches of the trainer on CPU (gloo), compared step by step.
 
-Every launch is a real `python -m torch.distributed.run ... -m trainer.train <overrides>`; the
+Every launch is a real `python -m torch.distributed.run ... -m forge_lm.trainer.train <overrides>`; the
 per-step losses are read back from the run's metrics.jsonl.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from forge_lm.trainer.metrics import read_metrics
 from tests.conftest import REPO
-from trainer.metrics import read_metrics
 
 # A model deep enough for 8 pipeline stages, on 64-token sequences; 8 sequences per step, one per
 # micro-batch, so every layout (dp up to 4, 8 pipeline micro-batches) sees the same global batch.
@@ -54,10 +54,10 @@ def launch(nproc: int, output_root: Path, name: str, *overrides: str, timeout: i
     """Run the trainer under torchrun with `nproc` processes (or plainly, for 1)."""
     args = [*BASE_OVERRIDES, f"output_root={output_root}", f"name={name}", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "trainer.train", *args]
+        cmd = [sys.executable, "-m", "forge_lm.trainer.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "trainer.train", *args]
+               "-m", "forge_lm.trainer.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -6,8 +6,8 @@ import shutil
 
 import torch
 
+from forge_lm.trainer.inference import Generator, load_model
 from tests.distributed.conftest import assert_same_losses, losses, run_ok
-from trainer.inference import Generator, load_model
 
 
 def test_fsdp4_checkpoint_resumes_as_fsdp2_x_tp2(dist_root, single_process_losses):
@@ -33,7 +33,7 @@ def test_pipeline_checkpoint_resumes_in_one_process_and_exports(dist_root, singl
     run_ok(2, dist_root, name, "parallel.pp=2", "parallel.dp_shard=1", "trainer.exit_at_step=2")
     run_ok(1, dist_root, name, "trainer.export_hf=true")
     assert_same_losses(losses(dist_root / name), single_process_losses["train"])
-    from trainer.hub import from_hf
+    from forge_lm.trainer.hub import from_hf
 
     assert from_hf(dist_root / name / "hf").cfg.n_layers == 8
 

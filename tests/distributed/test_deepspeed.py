@@ -25,7 +25,7 @@ EXPORTING_STAGE = 3  # the run whose final model is exported to a Hugging Face f
 def _deepspeed_installed() -> None:
     pytest.importorskip(
         "deepspeed",
-        reason="DeepSpeed is not installed: pip install --no-build-isolation deepspeed (after torch)",
+        reason="DeepSpeed is not installed: pip install 'forge-lm[deepspeed]'",
     )
 
 
@@ -94,10 +94,10 @@ def test_hf_export_of_a_deepspeed_run(zero_run):
     """The exported folder loads with from_hf and reproduces the run's final validation loss."""
     import torch
 
-    from data.loader import eval_batches
-    from data.shards import ShardDataset
-    from trainer.hub import from_hf
-    from trainer.loss import lm_loss
+    from forge_lm.data.loader import eval_batches
+    from forge_lm.data.shards import ShardDataset
+    from forge_lm.trainer.hub import from_hf
+    from forge_lm.trainer.loss import lm_loss
 
     run_dir = zero_run(EXPORTING_STAGE)
     model = from_hf(run_dir / "hf").eval()
@@ -116,7 +116,7 @@ def test_hf_export_of_a_deepspeed_run(zero_run):
 def test_save_and_resume(dist_root, zero_run, single_process_losses):
     """Exit after saving at step 3, run the same command again: it resumes and finishes like the
     uninterrupted run. The checkpoint holds the same train state as a torch-backend checkpoint."""
-    from trainer.checkpoint import list_checkpoints, read_train_state
+    from forge_lm.trainer.checkpoint import list_checkpoints, read_train_state
 
     stage, name = 3, "deepspeed_zero3_resumed"
     launch_deepspeed(dist_root, name, stage, "trainer.exit_at_step=3")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from forge_lm.trainer.metrics import read_metrics
 from tests.distributed.conftest import run_ok
-from trainer.metrics import read_metrics
 
 LAYOUTS = {
     # name: (processes, overrides, steps at which tasks are evaluated)

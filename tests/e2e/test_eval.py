@@ -1,5 +1,5 @@
 """Evaluation end to end: a tiny training run that evaluates tasks, per-source bits per byte and samples at
-every evaluation; the same numbers from lm_eval on its exported folder; `python -m trainer.eval` on its
+every evaluation; the same numbers from lm_eval on its exported folder; `forge eval` on its
 checkpoint and on its Hugging Face folder; and the errors for inputs that do not fit."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
+from forge_lm.trainer.eval.__main__ import main as eval_main
+from forge_lm.trainer.metrics import read_metrics
+from forge_lm.trainer.train import run
 from tests.conftest import REPO, compose_config, tiny_overrides
-from trainer.eval.__main__ import main as eval_main
-from trainer.metrics import read_metrics
-from trainer.train import run
 
 TASKS = [
-    "data/evalsets/bigbench/known_unknowns/task.json",
+    "bigbench/known_unknowns/task.json",
     "tests/assets/eval/arc_format.jsonl",
     "tests/assets/eval/lambada_format.jsonl",
     "tests/assets/eval/wikitext_format.jsonl",
@@ -66,7 +66,7 @@ def test_in_loop_task_numbers_equal_lm_evals_on_the_exported_folder(trained, tmp
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from trainer.eval.lm_eval_tasks import write_task_config
+    from forge_lm.trainer.eval.lm_eval_tasks import write_task_config
 
     _, result = trained
     names = [write_task_config(REPO / t, tmp_path) for t in TASKS]
@@ -112,7 +112,7 @@ def test_standalone_cli_on_the_hugging_face_folder(trained, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "trainer.eval",
+        "forge_lm.trainer.eval",
         f"eval.checkpoint={result.hf_dir}",
         f"eval.output={out_file}",
         "eval.validation=false",

@@ -1,4 +1,4 @@
-"""`python -m data.prepare` takes the trainer's Hydra overrides and writes verified shards."""
+"""`forge prepare` takes the trainer's Hydra overrides and writes verified shards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 
 def test_prepare_cli_writes_both_splits_and_reuses_them(tmp_path):
-    cmd = [sys.executable, "-m", "data.prepare", "data=tiny", f"output_root={tmp_path}", "data.seq_len=64"]
+    cmd = [sys.executable, "-m", "forge_lm.data.prepare", "data=tiny", f"output_root={tmp_path}", "data.seq_len=64"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     prepared = tmp_path / "prepared" / "tiny_bpe1024_seq64"
@@ -18,7 +18,7 @@ def test_prepare_cli_writes_both_splits_and_reuses_them(tmp_path):
         manifest = json.loads((prepared / split / "manifest.json").read_text())
         assert manifest["seq_len"] == 64 and manifest["num_sequences"] > 0
         assert f"{split}: " in first.stdout
-    from data.shards import ShardDataset
+    from forge_lm.data.shards import ShardDataset
 
     ShardDataset(prepared / "train").verify()
 
@@ -30,7 +30,7 @@ def test_prepare_cli_reports_a_missing_corpus_cleanly(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "data.prepare",
+        "forge_lm.data.prepare",
         "data=tiny",
         f"output_root={tmp_path}",
         f"data.sources=[{{name: missing, paths: ['{tmp_path}/nope/*.jsonl']}}]",

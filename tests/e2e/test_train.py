@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from forge_lm.trainer.metrics import read_metrics
+from forge_lm.trainer.train import run
 from tests.conftest import REPO, compose_config, tiny_overrides
-from trainer.metrics import read_metrics
-from trainer.train import run
 
 
 def test_tiny_run_learns_checkpoints_and_exports_a_folder_transformers_loads(shared_output_root):
@@ -33,7 +33,7 @@ def test_tiny_run_learns_checkpoints_and_exports_a_folder_transformers_loads(sha
     # The exported folder loads offline in transformers and gives our logits.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.hub import from_hf
+    from forge_lm.trainer.hub import from_hf
 
     hf_model = AutoModelForCausalLM.from_pretrained(result.hf_dir).eval()
     ours = from_hf(result.hf_dir).eval()
@@ -43,7 +43,7 @@ def test_tiny_run_learns_checkpoints_and_exports_a_folder_transformers_loads(sha
     with torch.no_grad():
         diff = (hf_model(ids).logits - ours(ids)).abs().max().item()
     assert diff <= 1e-4
-    from data.tokenizer import load_tokenizer
+    from forge_lm.data.tokenizer import load_tokenizer
 
     assert hf_tok(text)["input_ids"] == load_tokenizer(result.hf_dir).encode(text)
     gen = json.loads((result.hf_dir / "generation_config.json").read_text())
@@ -78,7 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(shared_output_root):
 def test_cli_runs_a_few_steps_and_prints_where_artifacts_went(shared_output_root):
     args = tiny_overrides(shared_output_root, "cli", "trainer.max_steps=3", "trainer.export_hf=false")
     out = subprocess.run(
-        [sys.executable, "-m", "trainer.train", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "forge_lm.trainer.train", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "run 'cli' finished at step 3" in out.stdout
@@ -94,7 +94,7 @@ def test_quickstart_lowers_validation_loss_by_a_nat(tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer.train",
+            "forge_lm.trainer.train",
             "experiment=quickstart",
             f"output_root={tmp_path}",
             "trainer.wandb.mode=disabled",
@@ -111,8 +111,8 @@ def test_quickstart_lowers_validation_loss_by_a_nat(tmp_path):
 
 
 def test_export_tool_turns_a_checkpoint_into_the_same_hf_folder(shared_output_root, tmp_path):
-    from tools.export_hf import main as export_main
-    from trainer.hub import from_hf
+    from forge_lm.tools.export_hf import main as export_main
+    from forge_lm.trainer.hub import from_hf
 
     result = run(compose_config(*tiny_overrides(shared_output_root, "export", "trainer.max_steps=2")))
     assert export_main([str(result.checkpoint), str(tmp_path / "hf")]) == 0

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from forge_lm.trainer.metrics import read_metrics
 from tests.conftest import REPO
 from tests.distributed.conftest import BASE_OVERRIDES, replace_overrides
 from tests.launch.cluster import ClusterError, LocalSlurm, ensure_installed
-from trainer.metrics import read_metrics
 
 # The tiny model of tests/distributed with fewer layers; 8 sequences of 64 tokens per step, so one
 # process accumulates 8 micro-batches and two processes 4 each: the same global batch in every layout.
@@ -87,7 +87,7 @@ def train_overrides(root: Path, name: str, *extra: str) -> list[str]:
 def reference_losses(launch_root) -> dict[int, float]:
     """A plain single-process run of the same global batch: the losses every layout must reproduce.
     It also prepares the tokenizer and shards, so the SLURM jobs only read them."""
-    cmd = [sys.executable, "-m", "trainer.train", *train_overrides(launch_root, "reference")]
+    cmd = [sys.executable, "-m", "forge_lm.trainer.train", *train_overrides(launch_root, "reference")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"reference run failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
@@ -105,11 +105,11 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], tol: float
 
 
 def submit(monkeypatch, *args: str) -> str:
-    """`python -m launch.slurm submit <args>` in this process (from the repo root); returns the job id."""
+    """`forge slurm submit <args>` in this process (from the repo root); returns the job id."""
     import contextlib
     import io
 
-    from launch.slurm import main
+    from forge_lm.launch.slurm import main
 
     monkeypatch.chdir(REPO)
     buf = io.StringIO()

@@ -43,10 +43,10 @@ def _bytes(tensors) -> int:
 
 
 def measure(overrides: list[str]) -> dict[str, int]:
+    from forge_lm.trainer.engine import Engine
+    from forge_lm.trainer.model import Decoder
+    from forge_lm.trainer.parallel.mesh import init_parallel
     from tests.conftest import compose_config
-    from trainer.engine import Engine
-    from trainer.model import Decoder
-    from trainer.parallel.mesh import init_parallel
 
     cfg = compose_config(*MODEL, *overrides)
     dims = init_parallel(cfg.parallel, "cpu")
@@ -83,7 +83,7 @@ def main() -> None:
     results = {layout: measure(layout.split()) for layout in layouts}
     with open(f"{out}.{dist.get_rank()}", "w") as f:
         json.dump(results, f)
-    from trainer.parallel.mesh import shutdown
+    from forge_lm.trainer.parallel.mesh import shutdown
 
     shutdown()
 

@@ -1,4 +1,4 @@
-"""`python -m launch.plan`: published sizes, refusals with fixes, and bytes per rank equal to a real run."""
+"""`forge plan`: published sizes, refusals with fixes, and bytes per rank equal to a real run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from launch.config import compose
-from launch.plan import GIB, estimate, main, rank_state
+from forge_lm.launch.config import compose
+from forge_lm.launch.plan import GIB, estimate, main, rank_state
 from tests.conftest import REPO
 from tests.launch.state_bytes import MODEL
 

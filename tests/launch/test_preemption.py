@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
+from forge_lm.trainer.metrics import read_metrics
+from forge_lm.trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 from tests.conftest import REPO
 from tests.launch.conftest import assert_same_losses, losses, train_overrides
-from trainer.metrics import read_metrics
-from trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 
 
 def test_signal_sets_a_flag_and_handlers_are_restored():
@@ -109,7 +109,7 @@ def test_every_rank_stops_after_the_same_step(tmp_path):
 
 
 def _train(root: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trainer.train", *train_overrides(root, name, *extra)]
+    cmd = [sys.executable, "-m", "forge_lm.trainer.train", *train_overrides(root, name, *extra)]
     return subprocess.Popen(
         cmd,
         cwd=REPO,

@@ -1,4 +1,4 @@
-"""`python -m launch.slurm submit` against a real SLURM cluster on this machine (two emulated nodes).
+"""`forge slurm submit` against a real SLURM cluster on this machine (two emulated nodes).
 
 Every training job here is a real sbatch -> srun (one task per node) -> torchrun (c10d rendezvous on the
 first node, whose name does not resolve) -> trainer; losses are read back from metrics.jsonl.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import main as slurm_main
-from launch.slurm import render
+from forge_lm.launch.slurm import main as slurm_main
+from forge_lm.launch.slurm import render
 from tests.conftest import REPO
 from tests.launch.conftest import (
     assert_same_losses,
@@ -88,7 +88,7 @@ def test_dry_run_prints_the_batch_script(tmp_path, monkeypatch):
 
 
 def test_cpu_jobs_request_no_gpus_and_one_node_uses_standalone(tmp_path, monkeypatch):
-    from launch.config import compose
+    from forge_lm.launch.config import compose
 
     monkeypatch.chdir(REPO)
     cfg, launch = compose([*train_overrides(tmp_path, "cpu"), "launch.gpus_per_node=2"])
@@ -254,7 +254,7 @@ def test_hydra_multirun_through_submitit(slurm, launch_root, reference_losses, t
     cmd = [
         sys.executable,
         "-m",
-        "trainer.train",
+        "forge_lm.trainer.train",
         "-m",
         "hydra/launcher=submitit_slurm",
         "hydra.launcher.partition=debug",

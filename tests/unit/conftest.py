@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from data.config import SourceConfig
-from data.sources import Document, iter_documents, iter_sources
-from data.tokenizer import Tokenizer, train_bpe
+from forge_lm.data.config import SourceConfig
+from forge_lm.data.sources import Document, iter_documents, iter_sources
+from forge_lm.data.tokenizer import Tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "data" / "corpora" / "shakespeare.jsonl.zst"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from tools import arch_diff, arch_show
-from trainer.model import Decoder
-from trainer.model.families import preset
+from forge_lm.tools import arch_diff, arch_show
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.families import preset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,8 +45,8 @@ def test_arch_diff_counts_are_the_models() -> None:
 
 def test_readme_shows_the_real_arch_diff_output() -> None:
     readme = (REPO / "README.md").read_text()
-    block = re.search(r"```\n\$ python -m tools\.arch_diff qwen3 gemma3\n(.*?)```", readme, re.S)
-    assert block, "README has no `python -m tools.arch_diff qwen3 gemma3` block"
+    block = re.search(r"```\n\$ forge arch-diff qwen3 gemma3\n(.*?)```", readme, re.S)
+    assert block, "README has no `forge arch-diff qwen3 gemma3` block"
     assert block.group(1).rstrip("\n") == arch_diff.render("qwen3", "gemma3")
 
 
@@ -60,9 +60,9 @@ def test_arch_show_breaks_down_every_parameter() -> None:
     assert "output.weight (tied: the embedding)" in out
 
 
-def test_tools_run_as_scripts_and_report_bad_names() -> None:
+def test_tools_run_as_commands_and_report_bad_names() -> None:
     done = subprocess.run(
-        [sys.executable, "tools/arch_diff.py", "llama3", "olmo2", "--size", "125m"],
+        [sys.executable, "-m", "forge_lm", "arch-diff", "llama3", "olmo2", "--size", "125m"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data.config import DataConfig, SourceConfig, TokenizerConfig
-from data.prepare import prepare
-from data.report import ERROR_REASONS, REASONS, DataError, InputReport
-from data.sources import Document, iter_documents
+from forge_lm.data.config import DataConfig, SourceConfig, TokenizerConfig
+from forge_lm.data.prepare import prepare
+from forge_lm.data.report import ERROR_REASONS, REASONS, DataError, InputReport
+from forge_lm.data.sources import Document, iter_documents
 
 
 def _line(doc: Document) -> bytes:
@@ -200,7 +200,7 @@ def test_prepare_counts_bad_input_in_the_manifest_and_summary(
     tmp_path: Path, corpus: dict, small_tokenizer, small_tokenizer_dir: str, caplog
 ) -> None:
     os.remove(corpus["root"] / "e.txt")  # gone before the run: its pattern still matches the directory
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="forge_lm.data")
     cfg = _prepare_config(tmp_path, _source(corpus), small_tokenizer_dir)
     manifests = prepare(cfg, small_tokenizer, show_progress=False)
     report = manifests["train"]["extra"]["input"]

@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.config import TrainerConfig
-from trainer.model import Decoder, ModelConfig
-from trainer.optim import build_optimizer
-from trainer.schedule import build_scheduler
+from forge_lm.trainer import checkpoint as ckpt
+from forge_lm.trainer.config import TrainerConfig
+from forge_lm.trainer.model import Decoder, ModelConfig
+from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.schedule import build_scheduler
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True)
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from forge_lm.trainer.config import ConfigError
 from tests.conftest import REPO, compose_config
-from trainer.config import ConfigError
 
 
 def test_quickstart_composes_with_derived_values():
@@ -78,7 +78,7 @@ def test_wrong_type_is_refused():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer.train", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "forge_lm.trainer.train", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -112,7 +112,7 @@ def test_dp_shard_cannot_fill_an_indivisible_world(monkeypatch):
 
 
 def test_layout_must_match_processes_started():
-    from trainer.parallel.mesh import check_layout
+    from forge_lm.trainer.parallel.mesh import check_layout
 
     cfg = compose_config("parallel.dp_shard=2", "parallel.tp=2")
     with pytest.raises(ConfigError, match=r"= 4 does not match the 1 process\(es\) started"):

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from trainer.config import ConfigError, EvalConfig
-from trainer.eval.evaluator import load_tasks, parse_task_spec, resolve_task_path
-from trainer.eval.formats import (
+from forge_lm.trainer.config import ConfigError, EvalConfig
+from forge_lm.trainer.eval.evaluator import load_tasks, parse_task_spec, resolve_task_path
+from forge_lm.trainer.eval.formats import (
     TaskFormatError,
     bigbench_examples,
     hellaswag_clean,
     read_task,
     wikitext_detokenize,
 )
-from trainer.eval.tasks import ChoiceDoc, RollingDoc, TargetDoc
+from forge_lm.trainer.eval.tasks import ChoiceDoc, RollingDoc, TargetDoc
+from tests.conftest import REPO
 
 ASSETS = REPO / "tests" / "assets" / "eval"
 BIGBENCH = REPO / "data" / "evalsets" / "bigbench"
@@ -181,8 +181,10 @@ def test_bigbench_task_made_of_subtasks_points_at_them(tmp_path):
 def test_task_specs_paths_and_names(tmp_path):
     assert parse_task_spec("arc:some/arc.jsonl") == ("arc", "some/arc.jsonl")
     assert parse_task_spec("some/arc.jsonl") == (None, "some/arc.jsonl")
-    # Relative paths fall back to the source tree, so configs work from any directory.
-    assert resolve_task_path("data/evalsets/bigbench/known_unknowns/task.json").is_file()
+    # Relative paths fall back to the task files shipped in the package, so configs work from any directory.
+    shipped = BIGBENCH / "known_unknowns" / "task.json"
+    assert resolve_task_path("bigbench/known_unknowns/task.json").samefile(shipped)
+    assert resolve_task_path("data/evalsets/bigbench/known_unknowns/task.json").samefile(shipped)
     with pytest.raises(TaskFormatError, match="no such file"):
         resolve_task_path("no/such/task.jsonl")
     same = str(ASSETS / "arc_format.jsonl")

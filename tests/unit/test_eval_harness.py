@@ -25,15 +25,15 @@ from lm_eval.evaluator import evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from data.tokenizer import load_tokenizer  # noqa: E402
-from trainer.config import EvalConfig  # noqa: E402
-from trainer.eval.evaluator import Evaluator  # noqa: E402
-from trainer.eval.formats import read_task  # noqa: E402
-from trainer.eval.harness import ForgeLM  # noqa: E402
-from trainer.eval.lm_eval_tasks import write_task_config  # noqa: E402
-from trainer.eval.scorers import EvalModel  # noqa: E402
-from trainer.hub import to_hf  # noqa: E402
-from trainer.model import Decoder, ModelConfig  # noqa: E402
+from forge_lm.data.tokenizer import load_tokenizer  # noqa: E402
+from forge_lm.trainer.config import EvalConfig  # noqa: E402
+from forge_lm.trainer.eval.evaluator import Evaluator  # noqa: E402
+from forge_lm.trainer.eval.formats import read_task  # noqa: E402
+from forge_lm.trainer.eval.harness import ForgeLM  # noqa: E402
+from forge_lm.trainer.eval.lm_eval_tasks import write_task_config  # noqa: E402
+from forge_lm.trainer.eval.scorers import EvalModel  # noqa: E402
+from forge_lm.trainer.hub import to_hf  # noqa: E402
+from forge_lm.trainer.model import Decoder, ModelConfig  # noqa: E402
 
 ASSETS = REPO / "tests" / "assets" / "eval"
 BIGBENCH = REPO / "data" / "evalsets" / "bigbench"
@@ -118,7 +118,7 @@ def test_forge_loglikelihoods_equal_hflm_per_request(runs, name):
 
 
 def test_in_loop_task_metrics_equal_lm_eval(exported, runs):
-    """The Evaluator (what training and `python -m trainer.eval` run) gives lm_eval's numbers on the same files."""
+    """The Evaluator (what training and `forge eval` run) gives lm_eval's numbers on the same files."""
     model, tokenizer, _ = exported
     cfg = EvalConfig(tasks=[str(p) for p in FILES.values()], task_limit=LIMIT, task_batch_size=5, prompts=[])
     got = (
@@ -191,7 +191,7 @@ def test_cli_runs_lm_eval_with_the_forge_model(exported, task_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "trainer.eval.harness",
+        "forge_lm.trainer.eval.harness",
         "--model",
         "forge",
         "--model_args",

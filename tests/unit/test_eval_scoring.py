@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
-from data.tokenizer import load_tokenizer
+from forge_lm.data.tokenizer import load_tokenizer
+from forge_lm.trainer.eval.scorers import IGNORE, DecoderScorer, ForwardScorer
+from forge_lm.trainer.eval.scoring import TextEncoder, TokenRequest, rolling_windows, score_tokens, split_pair
+from forge_lm.trainer.eval.tasks import ChoiceDoc, RollingDoc, Task
+from forge_lm.trainer.eval.validation import measure, token_byte_lengths, val_metrics
+from forge_lm.trainer.model import Decoder, ModelConfig
 from tests.unit.conftest import SHAKESPEARE
-from trainer.eval.scorers import IGNORE, DecoderScorer, ForwardScorer
-from trainer.eval.scoring import TextEncoder, TokenRequest, rolling_windows, score_tokens, split_pair
-from trainer.eval.tasks import ChoiceDoc, RollingDoc, Task
-from trainer.eval.validation import measure, token_byte_lengths, val_metrics
-from trainer.model import Decoder, ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,18 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from trainer.hub import from_hf, to_hf
-from trainer.hub.convert import model_config_to_hf
-from trainer.hub.families import HF_FAMILIES
-from trainer.model import Decoder
-from trainer.model.families import FAMILY_KNOBS, RELEASED, preset, preset_names, preset_values, preset_yaml
+from forge_lm.trainer.hub import from_hf, to_hf
+from forge_lm.trainer.hub.convert import model_config_to_hf
+from forge_lm.trainer.hub.families import HF_FAMILIES
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.families import (
+    FAMILY_KNOBS,
+    RELEASED,
+    preset,
+    preset_names,
+    preset_values,
+    preset_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 256
@@ -217,7 +224,7 @@ def test_every_preset_is_valid_exportable_and_its_yaml_is_current() -> None:
         model_config_to_hf(cfg, None, None, "bfloat16")  # every preset is expressible in its HF class
         path = REPO / "configs" / "model" / f"{name}.yaml"
         assert path.read_text() == preset_yaml(name), (
-            f"{path} is stale: run python -m trainer.model.families --write-configs configs/model"
+            f"{path} is stale: run python -m forge_lm.trainer.model.families --write-configs configs/model"
         )
     assert preset("qwen3") == preset("qwen3_1b")
     with pytest.raises(KeyError, match="unknown preset 'qwen4'"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.model import Decoder
-from trainer.model.families import preset
-from trainer.model.masks import flex_block_mask, positions_in_documents, sdpa_mask
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.families import preset
+from forge_lm.trainer.model.masks import flex_block_mask, positions_in_documents, sdpa_mask
 
 VOCAB = 256
 

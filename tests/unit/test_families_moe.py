@@ -12,10 +12,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from trainer.hub.convert import from_hf_state_dict, hf_config_to_model_config
-from trainer.model import Decoder
-from trainer.model.families import preset
-from trainer.model.moe import GroupedExperts
+from forge_lm.trainer.hub.convert import from_hf_state_dict, hf_config_to_model_config
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.families import preset
+from forge_lm.trainer.model.moe import GroupedExperts
 
 VOCAB = 256
 

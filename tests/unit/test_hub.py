@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM
 
-from trainer.hub import from_hf, to_hf
-from trainer.hub.convert import hf_config_to_model_config, model_config_to_hf
-from trainer.model import Decoder, ModelConfig
+from forge_lm.trainer.hub import from_hf, to_hf
+from forge_lm.trainer.hub.convert import hf_config_to_model_config, model_config_to_hf
+from forge_lm.trainer.model import Decoder, ModelConfig
 
 VOCAB = 300
 EOT = "<|endoftext|>"
@@ -294,7 +294,7 @@ def test_export_refuses_a_knob_the_family_cannot_express(tmp_path) -> None:
 
 
 def test_sharded_moe_export_round_trips_through_per_expert_tensors(tmp_path, tokenizer) -> None:
-    from trainer.model.families import preset
+    from forge_lm.trainer.model.families import preset
 
     cfg = preset("mixtral_tiny", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_dim=48,
                  moe=dict(num_experts=4, top_k=2))  # fmt: skip
@@ -312,7 +312,7 @@ def test_sharded_moe_export_round_trips_through_per_expert_tensors(tmp_path, tok
 
 
 def test_missing_expert_is_reported(tmp_path) -> None:
-    from trainer.model.families import preset
+    from forge_lm.trainer.model.families import preset
 
     cfg = preset("qwen3_moe_tiny", vocab_size=VOCAB, d_model=64, n_layers=1, n_heads=4, ffn_dim=32,
                  moe=dict(num_experts=4, top_k=2))  # fmt: skip
@@ -325,7 +325,7 @@ def test_missing_expert_is_reported(tmp_path) -> None:
 
 
 def test_push_to_hub_dry_run_lists_the_export_without_network(tmp_path, tokenizer) -> None:
-    from trainer.hub import push_to_hub
+    from forge_lm.trainer.hub import push_to_hub
 
     out = to_hf(make_model(), tmp_path / "export", tokenizer=tokenizer, max_shard_bytes=60_000)
     files = push_to_hub(out, "someone/tiny-llama", dry_run=True)

@@ -17,16 +17,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from data.tokenizer import Tokenizer
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer import checkpoint as ckpt
+from forge_lm.trainer.checkpoint import CheckpointError
+from forge_lm.trainer.config import TrainerConfig
+from forge_lm.trainer.hub import to_hf
+from forge_lm.trainer.inference import Generator, KVCache, SamplingParams, load_model
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.families import preset
+from forge_lm.trainer.optim import build_optimizer
 from tests.unit.test_families import FAMILIES, VOCAB, perturb_vectors, tiny_overrides
-from trainer import checkpoint as ckpt
-from trainer.checkpoint import CheckpointError
-from trainer.config import TrainerConfig
-from trainer.hub import to_hf
-from trainer.inference import Generator, KVCache, SamplingParams, load_model
-from trainer.model import Decoder
-from trainer.model.families import preset
-from trainer.optim import build_optimizer
 
 PROMPT_LENGTHS = (5, 11, 2)
 

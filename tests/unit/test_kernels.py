@@ -29,8 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import kernels
-from trainer.kernels import dispatch, reference
+from forge_lm.trainer import kernels
+from forge_lm.trainer.kernels import dispatch, reference
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32: the kernels differ from the references only by summation order
@@ -69,7 +69,7 @@ def _fwd_bwd(fn: Callable, inputs: tuple[torch.Tensor, ...], upstream: torch.Ten
 def check_interpreter_active() -> None:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from trainer.kernels import triton_cross_entropy, triton_gated, triton_rms_norm, triton_rope
+    from forge_lm.trainer.kernels import triton_cross_entropy, triton_gated, triton_rms_norm, triton_rope
 
     for kernel in (
         triton_rms_norm._rms_norm_fwd,
@@ -127,7 +127,7 @@ def check_gated(activation: str) -> None:
 def _small_tiles() -> None:
     """Shrink the cross-entropy tiles so that V=300 spans 3 vocab chunks (128, 128, 44), N=13 spans 3 row
     chunks (5, 5, 3) and each chunk several kernel blocks of 32 columns. (The subprocess is throwaway.)"""
-    from trainer.kernels import triton_cross_entropy
+    from forge_lm.trainer.kernels import triton_cross_entropy
 
     triton_cross_entropy.VOCAB_CHUNK = 128
     triton_cross_entropy.TILE_ELEMENTS = 128 * 5
@@ -257,8 +257,8 @@ def test_cpu_tensors_take_the_reference_unchanged(monkeypatch: pytest.MonkeyPatc
 
 def test_model_modules_call_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """RMSNorm, GatedMLP and apply_rope go through trainer.kernels (the one place that dispatches)."""
-    from trainer.model.layers import GatedMLP, RMSNorm
-    from trainer.model.rope import apply_rope
+    from forge_lm.trainer.model.layers import GatedMLP, RMSNorm
+    from forge_lm.trainer.model.rope import apply_rope
 
     calls = []
     for name in ("rms_norm", "gated_activation", "apply_rotary"):
@@ -368,7 +368,7 @@ def test_kernel_compiles_for_a_gpu(case: str, tmp_path: Path, monkeypatch: pytes
     from triton.runtime.jit import JITFunction
 
     module, name, signature, constexprs = COMPILE_CASES[case]
-    kernel = getattr(importlib.import_module(f"trainer.kernels.{module}"), name)
+    kernel = getattr(importlib.import_module(f"forge_lm.trainer.kernels.{module}"), name)
     if not isinstance(kernel, JITFunction):
         pytest.skip("the kernels were decorated for the interpreter (TRITON_INTERPRET=1)")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, not from a cache

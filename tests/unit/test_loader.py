@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import IGNORE_INDEX, Loader, collate, eval_batches
-from data.packing import ConcatPacker, pack_documents
-from data.shards import ShardDataset, ShardWriter, build_manifest, write_shard
-from data.sources import DataError
-from data.tokenizer import Tokenizer
+from forge_lm.data.loader import IGNORE_INDEX, Loader, collate, eval_batches
+from forge_lm.data.packing import ConcatPacker, pack_documents
+from forge_lm.data.shards import ShardDataset, ShardWriter, build_manifest, write_shard
+from forge_lm.data.sources import DataError
+from forge_lm.data.tokenizer import Tokenizer
 
 SEQ_LEN = 16
 N = 50
@@ -237,7 +237,7 @@ def test_eval_batches(dataset: ShardDataset) -> None:
 
 
 def test_missing_dataset_message(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="run `python -m data.prepare` first"):
+    with pytest.raises(DataError, match="run `forge prepare` first"):
         ShardDataset(str(tmp_path / "train"))
 
 

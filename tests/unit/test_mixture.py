@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_train_loader, build_val_batches
-from data.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
-from data.loader import Loader
-from data.mixture import MixtureSchedule
-from data.prepare import prepare
-from data.shards import ShardDataset
-from data.tokenizer import Tokenizer
+from forge_lm.data import build_train_loader, build_val_batches
+from forge_lm.data.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
+from forge_lm.data.loader import Loader
+from forge_lm.data.mixture import MixtureSchedule
+from forge_lm.data.prepare import prepare
+from forge_lm.data.shards import ShardDataset
+from forge_lm.data.tokenizer import Tokenizer
 
 WEIGHTS = (0.5, 0.3, 0.2)
 
@@ -127,7 +127,7 @@ def test_resume_on_another_number_of_ranks(
 def test_changing_the_mixture_is_refused(mixture, small_tokenizer, prepared) -> None:
     state = build_train_loader(mixture, small_tokenizer, 2).state_dict()
     two = dataclasses.replace(mixture, sources=mixture.sources[:2])
-    from data.report import DataError
+    from forge_lm.data.report import DataError
 
     with pytest.raises(DataError, match="3 datasets but this loader mixes 2"):
         build_train_loader(two, small_tokenizer, 2).load_state_dict(state)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.hub.convert import from_hf_state_dict, hf_config_to_model_config
-from trainer.model import ConfigError, Decoder, ModelConfig
+from forge_lm.trainer.hub.convert import from_hf_state_dict, hf_config_to_model_config
+from forge_lm.trainer.model import ConfigError, Decoder, ModelConfig
 
 VOCAB = 300
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_train_loader, build_val_batches
-from data.config import DataConfig, SourceConfig, TokenizerConfig
-from data.loader import Loader
-from data.prepare import prepare
-from data.report import DataError
-from data.shards import ShardDataset
-from data.tokenizer import Tokenizer
+from forge_lm.data import build_train_loader, build_val_batches
+from forge_lm.data.config import DataConfig, SourceConfig, TokenizerConfig
+from forge_lm.data.loader import Loader
+from forge_lm.data.prepare import prepare
+from forge_lm.data.report import DataError
+from forge_lm.data.shards import ShardDataset
+from forge_lm.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

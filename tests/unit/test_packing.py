@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from data.packing import ConcatPacker, PackedRows, PackedSequence, pack_documents
-from data.tokenizer import Tokenizer
+from forge_lm.data.packing import ConcatPacker, PackedRows, PackedSequence, pack_documents
+from forge_lm.data.tokenizer import Tokenizer
 
 EOS = 0
 

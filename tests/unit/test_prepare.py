@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.config import DataConfig, SourceConfig, TokenizerConfig
-from data.loader import Loader
-from data.prepare import _budgeted_texts, ensure_tokenizer, prepare, split_of
-from data.shards import ShardDataset
-from data.sources import DataError, iter_sources
+from forge_lm.data.config import DataConfig, SourceConfig, TokenizerConfig
+from forge_lm.data.loader import Loader
+from forge_lm.data.prepare import _budgeted_texts, ensure_tokenizer, prepare, split_of
+from forge_lm.data.shards import ShardDataset
+from forge_lm.data.sources import DataError, iter_sources
 
 
 def _config(tmp_path: Path, sources: list[SourceConfig], **kwargs) -> DataConfig:
@@ -38,7 +38,7 @@ def _files(directory: Path) -> dict[str, float]:
 def test_prepare_end_to_end_reuse_and_reprepare(
     tmp_path: Path, shakespeare_source: SourceConfig, stdlib_source: SourceConfig, caplog
 ) -> None:
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="forge_lm.data")
     cfg = _config(tmp_path, [shakespeare_source, stdlib_source])
 
     tokenizer = ensure_tokenizer(cfg, show_progress=False)
@@ -232,9 +232,9 @@ def test_output_is_byte_identical_whatever_the_number_of_workers(corpus_config, 
 _CHILD = """
 import json, sys
 from omegaconf import OmegaConf
-from data.config import DataConfig
-from data.prepare import prepare
-from data.tokenizer import load_tokenizer
+from forge_lm.data.config import DataConfig
+from forge_lm.data.prepare import prepare
+from forge_lm.data.tokenizer import load_tokenizer
 cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), json.loads(sys.argv[1])))
 prepare(cfg, load_tokenizer(cfg.tokenizer.path), show_progress=False)
 """
@@ -306,7 +306,7 @@ def test_a_prepare_killed_mid_run_resumes_to_the_uninterrupted_output(
                 finished[path.name] = path.stat()
     assert finished
 
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="forge_lm.data")
     manifests = prepare(cfg, small_tokenizer, show_progress=False)
     assert "finished work units found" in caplog.text
     assert _tree(prepared) == _tree(Path(reference.prepared_dir))
@@ -350,7 +350,7 @@ def test_a_mixture_prepares_one_dataset_per_source(corpus_config, small_tokenize
     assert manifests["stdlib/train"]["extra"]["documents_per_source"] == {"stdlib": 6}
     assert manifests["stdlib/val"]["num_sequences"] == 0  # a small source may have no val data
     # new weights do not change the shards
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="forge_lm.data")
     reweighted = corpus_config("mix", weights=(0.5, 0.5), num_workers=0)
     assert prepare(reweighted, small_tokenizer, show_progress=False) == manifests
     assert caplog.text.count("reusing prepared data") == 2
@@ -376,7 +376,7 @@ def test_cli_verify_flag(tmp_path: Path, small_tokenizer_dir: str) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "data.prepare",
+        "forge_lm.data.prepare",
         "--verify",
         "data=tiny",
         f"output_root={tmp_path}",

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from trainer.config import TrainerConfig
-from trainer.model import Decoder, ModelConfig
-from trainer.optim import build_optimizer, param_groups
-from trainer.schedule import build_scheduler, lr_multiplier
+from forge_lm.trainer.config import TrainerConfig
+from forge_lm.trainer.model import Decoder, ModelConfig
+from forge_lm.trainer.optim import build_optimizer, param_groups
+from forge_lm.trainer.schedule import build_scheduler, lr_multiplier
 
 
 def test_cosine_warms_up_then_decays_to_floor():

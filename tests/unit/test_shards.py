@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.packing import ConcatPacker, PackedSequence, pack_documents
-from data.shards import ShardDataset, ShardWriter, build_manifest, write_shard
-from data.sources import DataError
-from data.tokenizer import Tokenizer
+from forge_lm.data.packing import ConcatPacker, PackedSequence, pack_documents
+from forge_lm.data.shards import ShardDataset, ShardWriter, build_manifest, write_shard
+from forge_lm.data.sources import DataError
+from forge_lm.data.tokenizer import Tokenizer
 
 SEQ_LEN = 32
 
@@ -118,7 +118,7 @@ def test_verify_catches_a_flipped_byte(tmp_path: Path, rows, kind: str) -> None:
 
 def test_missing_manifest_says_to_run_prepare(tmp_path: Path) -> None:
     with pytest.raises(
-        DataError, match=f"no manifest.json in {tmp_path}: run `python -m data.prepare` first"
+        DataError, match=f"no manifest.json in {tmp_path}: run `forge prepare` first"
     ):
         ShardDataset(str(tmp_path))
 

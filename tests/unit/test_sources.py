@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data.config import SourceConfig
-from data.sources import DataError, Document, expand_paths, iter_documents, iter_sources
+from forge_lm.data.config import SourceConfig
+from forge_lm.data.sources import DataError, Document, expand_paths, iter_documents, iter_sources
 
 
 def _records(docs: list[Document], n: int) -> list[dict]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from data.sources import DataError, Document
-from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from forge_lm.data.sources import DataError, Document
+from forge_lm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 ODD_TEXT = (
     "tabs\tand\r\nCRLF, NUL \x00, emoji 🎭, 漢字, Ünïcödé, trailing spaces   \n\n\n  <|endoftext|> literal"

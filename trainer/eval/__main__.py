@@ -1,8 +1,8 @@
-"""Evaluate a saved model: `python -m trainer.eval eval.checkpoint=PATH [Hydra overrides]`.
+"""Evaluate a saved model: `forge eval eval.checkpoint=PATH [Hydra overrides]`.
 
-    python -m trainer.eval eval.checkpoint=runs/quickstart/checkpoints/step_0000200 experiment=quickstart
-    python -m trainer.eval eval.checkpoint=runs/quickstart/hf eval.tasks=[my/arc.jsonl] eval.task_limit=100
-    python -m trainer.eval eval.checkpoint=runs/quickstart eval.output=results.json   # latest checkpoint
+    forge eval eval.checkpoint=runs/quickstart/checkpoints/step_0000200 experiment=quickstart
+    forge eval eval.checkpoint=runs/quickstart/hf eval.tasks=[my/arc.jsonl] eval.task_limit=100
+    forge eval eval.checkpoint=runs/quickstart eval.output=results.json   # latest checkpoint
 
 PATH is a checkpoint directory of any parallel layout (consolidated here into one model), a run directory
 (its latest complete checkpoint) or a Hugging Face folder. The same config tree as training (configs/)
@@ -22,34 +22,30 @@ from typing import Any, Optional
 
 import torch
 
-from data.sources import DataError
-from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
-from trainer.checkpoint import CheckpointError, latest_checkpoint, read_train_state
-from trainer.config import Config, ConfigError
-from trainer.eval.evaluator import SOURCE_ROOT, EvalResult, Evaluator
-from trainer.eval.formats import TaskFormatError
-from trainer.eval.scorers import EvalModel
-from trainer.eval.validation import LossFn, ValSet, build_val_sets, plain_loss
+from forge_lm.data.sources import DataError
+from forge_lm.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from forge_lm.trainer.checkpoint import CheckpointError, latest_checkpoint, read_train_state
+from forge_lm.trainer.config import Config, ConfigError
+from forge_lm.trainer.eval.evaluator import EvalResult, Evaluator
+from forge_lm.trainer.eval.formats import TaskFormatError
+from forge_lm.trainer.eval.scorers import EvalModel
+from forge_lm.trainer.eval.validation import LossFn, ValSet, build_val_sets, plain_loss
 
-logger = logging.getLogger("trainer.eval")
+logger = logging.getLogger(__name__)
 
 
 def compose(overrides: list[str]) -> Config:
-    """The validated config of `configs/` with `overrides`, as `python -m trainer.train` would compose it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The validated config tree with `overrides` (and `--config-dir DIR`), as `forge train` would compose it."""
+    from forge_lm.trainer.config_store import compose as compose_tree
+    from forge_lm.trainer.config_store import to_config
 
-    from trainer.config_store import register, to_config
-
-    register()
-    with initialize_config_dir(config_dir=str(SOURCE_ROOT / "configs"), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))
+    return to_config(compose_tree(overrides))
 
 
 def evaluate(cfg: Config, expect_architecture: bool = False) -> tuple[EvalResult, dict[str, Any]]:
     """Load eval.checkpoint and evaluate it once. Returns the result and a description of what was evaluated."""
-    from trainer.engine import wants_bf16
-    from trainer.inference import load_model
+    from forge_lm.trainer.engine import wants_bf16
+    from forge_lm.trainer.inference import load_model
 
     if not cfg.eval.checkpoint:
         raise ConfigError(
@@ -101,7 +97,7 @@ def _validation(
                 "tokenizer (choose the data the model was trained on, e.g. the same data=... and output_root=...)"
             ),
         )
-    from data.prepare import ensure_tokenizer, prepare
+    from forge_lm.data.prepare import ensure_tokenizer, prepare
 
     data_tok = ensure_tokenizer(cfg.data, show_progress=False)
     prepare(cfg.data, data_tok)  # nothing to do when the run prepared it already

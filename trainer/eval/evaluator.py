@@ -1,6 +1,6 @@
 """One evaluation of a model: validation loss / perplexity / bits per byte (overall and per source),
 benchmark tasks, and samples for fixed prompts. The training loop runs it every `eval.every` steps and
-at the end; `python -m trainer.eval` runs it once on a checkpoint or a Hugging Face folder.
+at the end; `forge eval` runs it once on a checkpoint or a Hugging Face folder.
 
 Everything configurable is in `EvalConfig` (trainer/config.py, configs/eval/default.yaml).
 """
@@ -14,20 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from data.tokenizer import Tokenizer
-from trainer.config import EvalConfig
-from trainer.eval.formats import TaskFormatError, read_task
-from trainer.eval.generation import sample_prompts
-from trainer.eval.scorers import EvalModel
-from trainer.eval.scoring import TextEncoder, run_requests
-from trainer.eval.tasks import Task
-from trainer.eval.validation import LossFn, ValSet, val_metrics
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer.config import EvalConfig
+from forge_lm.trainer.eval.formats import TaskFormatError, read_task
+from forge_lm.trainer.eval.generation import sample_prompts
+from forge_lm.trainer.eval.scorers import EvalModel
+from forge_lm.trainer.eval.scoring import TextEncoder, run_requests
+from forge_lm.trainer.eval.tasks import Task
+from forge_lm.trainer.eval.validation import LossFn, ValSet, val_metrics
 
 logger = logging.getLogger(__name__)
 
-# The source tree's root: relative task paths that do not exist from the working directory are looked up
-# here, so configs can name files shipped in the repository (data/evalsets/...) wherever a run starts.
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# Task files shipped inside the package (forge_lm/data/evalsets, from the repository's data/evalsets).
+# A relative task path that does not exist from the working directory is looked up there, so configs can
+# name them (bigbench/known_unknowns/task.json) wherever a run starts and however forge-lm is installed.
+# The longer form data/evalsets/... is looked up from the folder that holds the data package.
+SHIPPED_EVALSETS = Path(__file__).resolve().parents[2] / "data" / "evalsets"
 
 
 @dataclass
@@ -90,15 +92,16 @@ def parse_task_spec(spec: str) -> tuple[Optional[str], str]:
 
 
 def resolve_task_path(path: str) -> Path:
-    """As given (absolute or from the working directory), else relative to the source tree."""
+    """As given (absolute or from the working directory), else among the task files shipped with forge-lm."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
-    if (SOURCE_ROOT / p).exists():
-        return SOURCE_ROOT / p
+    for shipped in (SHIPPED_EVALSETS / p, SHIPPED_EVALSETS.parent.parent / p):
+        if shipped.exists():
+            return shipped
     raise TaskFormatError(
-        f"eval.tasks: {path}: no such file (looked in {Path.cwd()} and {SOURCE_ROOT}). Give the path of a "
-        "task file (see docs/eval.md for the formats)."
+        f"eval.tasks: {path}: no such file (looked in {Path.cwd()} and in the shipped {SHIPPED_EVALSETS}). "
+        "Give the path of a task file (see docs/eval.md for the formats)."
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from trainer.eval.tasks import (
+from forge_lm.trainer.eval.tasks import (
     LOGLIKELIHOOD,
     MULTIPLE_CHOICE,
     ROLLING,

@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from data.tokenizer import Tokenizer
-from trainer.eval.scorers import EvalModel, full_tensor
-from trainer.inference import Generator, SamplingParams
-from trainer.inference.sampling import next_tokens
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer.eval.scorers import EvalModel, full_tensor
+from forge_lm.trainer.inference import Generator, SamplingParams
+from forge_lm.trainer.inference.sampling import next_tokens
 
 
 def generate_ids(

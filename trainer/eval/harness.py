@@ -3,14 +3,14 @@
 From the command line, with every lm_eval argument (lm_eval has no plugin discovery, so this entry
 point imports this module, which registers the model, and then runs lm_eval's own CLI):
 
-    forge-lm-eval --model forge --model_args pretrained=runs/quickstart/hf --tasks hellaswag --device cpu
-    python -m trainer.eval.harness --model forge --model_args pretrained=runs/quickstart --tasks ...
+    forge lm-eval --model forge --model_args pretrained=runs/quickstart/hf --tasks hellaswag --device cpu
+    forge lm-eval --model forge --model_args pretrained=runs/quickstart --tasks ...
 
 `pretrained` is a Hugging Face folder, a checkpoint directory of any parallel layout, or a run directory
 (its latest checkpoint); `tokenizer=PATH` overrides the tokenizer found with it. From Python:
 
     import lm_eval
-    from trainer.eval.harness import ForgeLM
+    from forge_lm.trainer.eval.harness import ForgeLM
     lm_eval.simple_evaluate(model=ForgeLM(pretrained="runs/quickstart/hf"), tasks=[...])
 
 Requests are scored by trainer.eval.scoring (lm_eval's rules, batched) through `Decoder.score`, and
@@ -32,12 +32,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from data.tokenizer import Tokenizer, load_tokenizer
-from trainer.eval.scorers import DecoderScorer, EvalModel
-from trainer.eval.scoring import TextEncoder, run_requests
-from trainer.eval.tasks import LoglikelihoodRequest, RollingRequest
-from trainer.inference import Generator, SamplingParams, load_model
-from trainer.model import Decoder
+from forge_lm.data.tokenizer import Tokenizer, load_tokenizer
+from forge_lm.trainer.eval.scorers import DecoderScorer, EvalModel
+from forge_lm.trainer.eval.scoring import TextEncoder, run_requests
+from forge_lm.trainer.eval.tasks import LoglikelihoodRequest, RollingRequest
+from forge_lm.trainer.inference import Generator, SamplingParams, load_model
+from forge_lm.trainer.model import Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class ForgeLM(LM):
 
 
 def main() -> None:
-    """lm_eval's CLI with the "forge" model registered (the `forge-lm-eval` console script)."""
+    """lm_eval's CLI with the "forge" model registered (the `forge lm-eval` console script)."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
@@ -198,7 +198,7 @@ def main() -> None:
 if __name__ == "__main__":
     # Run as a script, this file is the module __main__: register (and run) the importable module's class,
     # so that "forge" names one class whoever imports trainer.eval.harness later.
-    from trainer.eval.harness import main as _main
+    from forge_lm.trainer.eval.harness import main as _main
 
     sys.exit(_main())
 else:

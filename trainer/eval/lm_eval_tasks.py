@@ -9,8 +9,8 @@ YAML that `include`s the built-in one keeps its prompts and metrics and reads a 
     dataset_name: null
     dataset_kwargs: {data_files: {test: /abs/path/arc.jsonl}}
 
-    python -m trainer.eval.lm_eval_tasks OUT_DIR data/evalsets/bigbench/known_unknowns/task.json my/arc.jsonl
-    forge-lm-eval --model forge --model_args pretrained=runs/x/hf --include_path OUT_DIR --tasks forge_known_unknowns
+    forge lm-eval-tasks OUT_DIR bigbench/known_unknowns/task.json my/arc.jsonl
+    forge lm-eval --model forge --model_args pretrained=runs/x/hf --include_path OUT_DIR --tasks forge_known_unknowns
 
 A BIG-bench task.json is first converted to the records lm_eval's BIG-bench tasks read (the
 hails/bigbench schema: inputs, targets, multiple_choice_targets, multiple_choice_scores), with the
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from trainer.eval.formats import TaskFormatError, bigbench_examples, read_task
+from forge_lm.trainer.eval.formats import TaskFormatError, bigbench_examples, read_task
 
 # format -> (built-in lm_eval task YAML, relative to lm_eval/tasks; the split it evaluates: validation or test)
 BUILTIN: dict[str, tuple[str, str]] = {
@@ -96,13 +96,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("out_dir", help="directory for the YAML files: pass it to lm_eval as --include_path")
     parser.add_argument("files", nargs="+", help="task files ('name:path' to choose the task's name)")
     args = parser.parse_args(argv)
-    from trainer.eval.evaluator import parse_task_spec
+    from forge_lm.trainer.eval.evaluator import parse_task_spec, resolve_task_path
 
     names = []
     try:
         for spec in args.files:
             name, path = parse_task_spec(spec)
-            names.append(write_task_config(path, args.out_dir, name))
+            names.append(write_task_config(resolve_task_path(path), args.out_dir, name))
     except TaskFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

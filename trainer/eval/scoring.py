@@ -26,9 +26,9 @@ from typing import Optional
 
 import torch
 
-from data.tokenizer import Tokenizer
-from trainer.eval.scorers import IGNORE, TokenScorer
-from trainer.eval.tasks import LoglikelihoodRequest, Request, RollingRequest
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer.eval.scorers import IGNORE, TokenScorer
+from forge_lm.trainer.eval.tasks import LoglikelihoodRequest, Request, RollingRequest
 
 
 @dataclass(frozen=True)

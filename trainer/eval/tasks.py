@@ -11,7 +11,7 @@ Three kinds, the ones lm-evaluation-harness (lm_eval) uses for the classic pre-t
 
 The metrics follow lm_eval's definitions exactly (see docs/eval.md), so a task read here from a file
 gives the numbers lm_eval gives for its built-in task on the same file. Reading files is
-`trainer.eval.formats`; turning requests into numbers is `trainer.eval.scoring`.
+`forge_lm.trainer.eval.formats`; turning requests into numbers is `forge_lm.trainer.eval.scoring`.
 """
 
 from __future__ import annotations

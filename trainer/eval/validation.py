@@ -24,10 +24,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from data.config import DataConfig
-from data.tokenizer import Tokenizer
-from trainer.config import EvalConfig
-from trainer.loss import IGNORE_INDEX
+from forge_lm.data.config import DataConfig
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer.config import EvalConfig
+from forge_lm.trainer.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def plain_loss(
     model: torch.nn.Module, device: torch.device, document_masking: bool, autocast: Optional[Any] = None
 ) -> LossFn:
     """A LossFn for an unsharded model (stand-alone evaluation), the token-weighted mean like the engine's."""
-    from trainer.engine import model_inputs
+    from forge_lm.trainer.engine import model_inputs
 
     @torch.no_grad()
     def evaluate(batches: Iterable[Batch]) -> dict[str, float]:
@@ -134,7 +134,7 @@ def build_val_sets(
 ) -> list[ValSet]:
     """The whole validation split (`overall`, or built from the config) and, with eval.per_source and several
     sources, each source's own held-out data; tokens and bytes counted once, here."""
-    from data.pipeline import build_val_batches, build_val_batches_per_source
+    from forge_lm.data.pipeline import build_val_batches, build_val_batches_per_source
 
     byte_lengths = token_byte_lengths(tokenizer)
     if overall is None:

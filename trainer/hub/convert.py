@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from trainer.hub.families import GLOBAL_NAMES, HF_FAMILIES, HFFamily, check_expressible, hf_family
-from trainer.model.config import ModelConfig, RopeScalingConfig
-from trainer.model.decoder import Decoder
-from trainer.model.families import FAMILY_KNOBS
+from forge_lm.trainer.hub.families import GLOBAL_NAMES, HF_FAMILIES, HFFamily, check_expressible, hf_family
+from forge_lm.trainer.model.config import ModelConfig, RopeScalingConfig
+from forge_lm.trainer.model.decoder import Decoder
+from forge_lm.trainer.model.families import FAMILY_KNOBS
 
 _HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 _OUR_ACTIVATION = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save_file
 
-from trainer.hub.convert import model_config_to_hf, to_hf_state_dict
-from trainer.model.decoder import Decoder
+from forge_lm.trainer.hub.convert import model_config_to_hf, to_hf_state_dict
+from forge_lm.trainer.model.decoder import Decoder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.model.config import ModelConfig
+from forge_lm.trainer.model.config import ModelConfig
 
 ARCHITECTURE_KNOBS = (
     "rope_local_theta",

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.hub.convert import from_hf_state_dict, hf_config_to_model_config
-from trainer.hub.export import SAFETENSORS_INDEX
-from trainer.model.decoder import Decoder
+from forge_lm.trainer.hub.convert import from_hf_state_dict, hf_config_to_model_config
+from forge_lm.trainer.hub.export import SAFETENSORS_INDEX
+from forge_lm.trainer.model.decoder import Decoder
 
 
 def from_hf(

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer.hub.export import SAFETENSORS_INDEX
+from forge_lm.trainer.hub.export import SAFETENSORS_INDEX
 
 
 def push_to_hub(

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from trainer.model.config import ModelConfig
+from forge_lm.trainer.model.config import ModelConfig
 
 
 class LayerCache:

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from data.tokenizer import Tokenizer
-from trainer.inference.cache import KVCache
-from trainer.inference.sampling import SamplingParams, next_tokens
-from trainer.model import Decoder
+from forge_lm.data.tokenizer import Tokenizer
+from forge_lm.trainer.inference.cache import KVCache
+from forge_lm.trainer.inference.sampling import SamplingParams, next_tokens
+from forge_lm.trainer.model import Decoder
 
 CACHE_ROUNDING = 64
 GREEDY = SamplingParams()

@@ -10,10 +10,15 @@ from typing import Optional
 
 import torch
 
-from data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
-from trainer.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_train_state
-from trainer.hub import from_hf
-from trainer.model import Decoder, ModelConfig
+from forge_lm.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from forge_lm.trainer.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_model_weights,
+    read_train_state,
+)
+from forge_lm.trainer.hub import from_hf
+from forge_lm.trainer.model import Decoder, ModelConfig
 
 # What makes two configurations different architectures (weights of one cannot serve the other).
 ARCHITECTURE_FIELDS = (

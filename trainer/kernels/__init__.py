@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from trainer.kernels import reference
-from trainer.kernels.dispatch import use_triton
+from forge_lm.trainer.kernels import reference
+from forge_lm.trainer.kernels.dispatch import use_triton
 
 __all__ = [
     "apply_rotary",
@@ -42,7 +42,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     """RMSNorm over the last dimension: gain `weight` (Llama: x_hat cast to x's dtype first) or
     `1 + weight` applied in fp32, then cast (Gemma, unit_offset=True)."""
     if use_triton(x, weight):
-        from trainer.kernels.triton_rms_norm import rms_norm as fused
+        from forge_lm.trainer.kernels.triton_rms_norm import rms_norm as fused
 
         return fused(x, weight, eps, unit_offset)
     return reference.rms_norm(x, weight, eps, unit_offset)
@@ -53,7 +53,7 @@ def apply_rotary(
 ) -> torch.Tensor:
     """Rotate x [B, H, T, head_dim] by cos/sin [B, T, rotary_dim]; no gradient flows to cos/sin."""
     if use_triton(x, cos, sin):
-        from trainer.kernels.triton_rope import apply_rotary as fused
+        from forge_lm.trainer.kernels.triton_rope import apply_rotary as fused
 
         return fused(x, cos, sin, interleaved)
     return reference.apply_rotary(x, cos, sin, interleaved)
@@ -62,7 +62,7 @@ def apply_rotary(
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up for activation 'silu' or 'gelu_tanh' (gate and up of one shape)."""
     if use_triton(gate, up):
-        from trainer.kernels.triton_gated import gated_activation as fused
+        from forge_lm.trainer.kernels.triton_gated import gated_activation as fused
 
         return fused(gate, up, activation)
     return reference.gated_activation(gate, up, activation)
@@ -77,7 +77,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of softcap(hidden @ weight.T) against targets, per token (0 where ignored)."""
     if use_triton(hidden, weight, targets):
-        from trainer.kernels.triton_cross_entropy import linear_cross_entropy as fused
+        from forge_lm.trainer.kernels.triton_cross_entropy import linear_cross_entropy as fused
 
         return fused(hidden, weight, targets, softcap, ignore_index)
     return reference.linear_cross_entropy(hidden, weight, targets, softcap, ignore_index)
@@ -89,7 +89,7 @@ def linear_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and whether the target is the argmax, per token."""
     if use_triton(hidden, weight, targets):
-        from trainer.kernels.triton_cross_entropy import linear_log_probs as fused
+        from forge_lm.trainer.kernels.triton_cross_entropy import linear_log_probs as fused
 
         return fused(hidden, weight, targets, softcap)
     return reference.linear_log_probs(hidden, weight, targets, softcap)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.kernels.triton_common import tanh
+from forge_lm.trainer.kernels.triton_common import tanh
 
 VOCAB_CHUNK = 8192  # vocabulary columns per logits tile
 TILE_ELEMENTS = 2**26  # rows per tile = TILE_ELEMENTS // VOCAB_CHUNK (8192): a 128 MiB tile in bf16

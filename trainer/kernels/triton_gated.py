@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.kernels.triton_common import tanh
+from forge_lm.trainer.kernels.triton_common import tanh
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 BLOCK = 1024

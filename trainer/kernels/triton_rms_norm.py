@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.kernels.triton_common import num_programs, rows_2d, warps_for
+from forge_lm.trainer.kernels.triton_common import num_programs, rows_2d, warps_for
 
 MAX_DIM = 65536  # a row lives in one program's registers
 

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from trainer.model.config import ModelConfig
-from trainer.model.layers import RMSNorm
-from trainer.model.masks import Mask
-from trainer.model.rope import apply_rope
+from forge_lm.trainer.model.config import ModelConfig
+from forge_lm.trainer.model.layers import RMSNorm
+from forge_lm.trainer.model.masks import Mask
+from forge_lm.trainer.model.rope import apply_rope
 
 if TYPE_CHECKING:
-    from trainer.inference.cache import LayerCache
+    from forge_lm.trainer.inference.cache import LayerCache
 
 
 class Attention(nn.Module):

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from trainer.kernels import linear_cross_entropy, linear_log_probs
-from trainer.model.attention import Attention
+from forge_lm.trainer.kernels import linear_cross_entropy, linear_log_probs
+from forge_lm.trainer.model.attention import Attention
 
 if TYPE_CHECKING:
-    from trainer.inference.cache import KVCache
-from trainer.model.config import ConfigError, ModelConfig
-from trainer.model.layers import GatedMLP, RMSNorm
-from trainer.model.masks import Mask, flex_block_mask, positions_in_documents, sdpa_mask
-from trainer.model.moe import GroupedExperts, MoE, moe_aux_losses
-from trainer.model.rope import rope_cos_sin, rope_frequencies
+    from forge_lm.trainer.inference.cache import KVCache
+from forge_lm.trainer.model.config import ConfigError, ModelConfig
+from forge_lm.trainer.model.layers import GatedMLP, RMSNorm
+from forge_lm.trainer.model.masks import Mask, flex_block_mask, positions_in_documents, sdpa_mask
+from forge_lm.trainer.model.moe import GroupedExperts, MoE, moe_aux_losses
+from forge_lm.trainer.model.rope import rope_cos_sin, rope_frequencies
 
 # Per forward pass, what each kind of layer ("full" or "sliding" attention) needs: RoPE cos, sin and its mask.
 AttentionInputs = dict[str, tuple[torch.Tensor, torch.Tensor, Optional[Mask]]]

@@ -5,10 +5,10 @@
     preset("qwen3_0.6b")      the released Qwen3-0.6B, every value from its config.json
 
 A generic size (tiny, 125m, 1b) is the same shape for every family, so two presets of one size differ only
-by what really distinguishes the families: that is what `python -m tools.arch_diff qwen3 gemma3` prints.
+by what really distinguishes the families: that is what `forge arch-diff qwen3 gemma3` prints.
 Generic sizes take the vocabulary from the tokenizer (vocab_size null); released ones carry their own.
 Every preset is also a Hydra option: configs/model/<name>.yaml, written by
-`python -m trainer.model.families --write-configs configs/model` and checked against this file by the tests.
+`python -m forge_lm.trainer.model.families --write-configs configs/model` and checked against this file by the tests.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from trainer.model.config import ModelConfig
+from forge_lm.trainer.model.config import ModelConfig
 
 FAMILY_KNOBS: dict[str, dict[str, Any]] = {
     # Llama 3: the baseline every knob defaults to (pre-norm RMSNorm, RoPE, GQA, SwiGLU), with a larger RoPE base.
@@ -220,7 +220,7 @@ def preset_yaml(name: str) -> str:
     )
     lines = [
         f"# Preset {name}: {what}.",
-        "# Written by `python -m trainer.model.families --write-configs configs/model` from",
+        "# Written by `python -m forge_lm.trainer.model.families --write-configs configs/model` from",
         "# trainer/model/families.py (edit there, not here); docs/architectures.md explains every knob.",
     ]
     vocab = values.get("vocab_size")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import kernels
+from forge_lm.trainer import kernels
 
 
 class RMSNorm(nn.Module):

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from trainer.model.config import ModelConfig
-from trainer.model.layers import ACTIVATIONS
+from forge_lm.trainer.model.config import ModelConfig
+from forge_lm.trainer.model.layers import ACTIVATIONS
 
 
 @dataclass

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from trainer import kernels
-from trainer.model.config import RopeScalingConfig
+from forge_lm.trainer import kernels
+from forge_lm.trainer.model.config import RopeScalingConfig
 
 
 def rope_frequencies(

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from trainer.model.config import ModelConfig
-from trainer.model.decoder import Decoder
-from trainer.model.families import DEFAULT_SIZE, FAMILY_KNOBS, RELEASED, family_of, preset
+from forge_lm.trainer.model.config import ModelConfig
+from forge_lm.trainer.model.decoder import Decoder
+from forge_lm.trainer.model.families import DEFAULT_SIZE, FAMILY_KNOBS, RELEASED, family_of, preset
 
 
 def knob_values(cfg: ModelConfig) -> dict[str, Any]:

@@ -1,14 +1,14 @@
 """DeepSpeed ZeRO as an alternative training backend: `trainer.backend=deepspeed`.
 
-`DeepSpeedEngine` has the surface of `trainer.engine.Engine` that `train.py` uses (`train_step`,
+`DeepSpeedEngine` has the surface of `forge_lm.trainer.engine.Engine` that `train.py` uses (`train_step`,
 `evaluate`, `save`, `load`, `full_model`, `parts`, `precision`), so the model, data, metrics, evaluation
 and checkpoint layout are the same whichever backend trains. What differs is who shards: DeepSpeed's
 ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) over all processes, instead of
 FSDP2 on the device mesh. DeepSpeed runs data parallelism only (config validation refuses tp/pp).
 
 There is no DeepSpeed JSON file: `deepspeed_config(cfg)` derives the whole DeepSpeed config from the
-Hydra config. The optimizer is ours (`trainer.optim.build_optimizer`: torch AdamW, no weight decay on
-norms, biases and embeddings) and so is the learning-rate schedule (`trainer.schedule`), so a step is
+Hydra config. The optimizer is ours (`forge_lm.trainer.optim.build_optimizer`: torch AdamW, no weight decay on
+norms, biases and embeddings) and so is the learning-rate schedule (`forge_lm.trainer.schedule`), so a step is
 the same arithmetic as with the torch backend; ZeRO partitions the optimizer's parameter groups.
 
 A checkpoint `<run_dir>/checkpoints/step_<N>/` holds DeepSpeed's own files (`*model_states.pt`, and
@@ -36,14 +36,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint as ckpt
-from trainer.config import Config, ConfigError
-from trainer.engine import model_inputs, wants_bf16
-from trainer.loss import IGNORE_INDEX, lm_loss
-from trainer.model import Decoder
-from trainer.optim import build_optimizer
-from trainer.parallel.mesh import ParallelDims
-from trainer.schedule import build_scheduler
+from forge_lm.trainer import checkpoint as ckpt
+from forge_lm.trainer.config import Config, ConfigError
+from forge_lm.trainer.engine import model_inputs, wants_bf16
+from forge_lm.trainer.loss import IGNORE_INDEX, lm_loss
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class DeepSpeedEngine:
             import deepspeed
         except ImportError as e:
             raise ConfigError(
-                f"trainer.backend=deepspeed but DeepSpeed cannot be imported ({e}): install it with "
-                "`pip install --no-build-isolation deepspeed` (after torch), or use trainer.backend=torch."
+                f"trainer.backend=deepspeed but DeepSpeed cannot be imported ({e}): install the extra, "
+                "`pip install 'forge-lm[deepspeed]'`, or use trainer.backend=torch."
             ) from e
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would flood train.log
         # ZeRO calls these torch.distributed functions on every step; the warning is DeepSpeed's to act on.

@@ -22,9 +22,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from trainer.config import ParallelConfig
-from trainer.model.layers import RMSNorm
-from trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.config import ParallelConfig
+from forge_lm.trainer.model.layers import RMSNorm
+from forge_lm.trainer.parallel.mesh import ParallelDims
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -14,9 +14,9 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 
-from trainer.config import ParallelConfig
-from trainer.model import Decoder
-from trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.config import ParallelConfig
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.parallel.mesh import ParallelDims
 
 
 class PipelineStageModule(nn.Module):

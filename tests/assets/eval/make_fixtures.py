@@ -20,8 +20,8 @@ import random
 import re
 from pathlib import Path
 
-from data.config import SourceConfig
-from data.sources import iter_documents
+from forge_lm.data.config import SourceConfig
+from forge_lm.data.sources import iter_documents
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
