@@ -66,10 +66,11 @@ def test_in_loop_task_numbers_equal_lm_evals_on_the_exported_folder(trained, tmp
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from forge_lm.trainer.eval.evaluator import resolve_task_path
     from forge_lm.trainer.eval.lm_eval_tasks import write_task_config
 
     _, result = trained
-    names = [write_task_config(REPO / t, tmp_path) for t in TASKS]
+    names = [write_task_config(resolve_task_path(t), tmp_path) for t in TASKS]
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     hf = HFLM(pretrained=str(result.hf_dir), device="cpu", batch_size=8)
     theirs = evaluate(lm=hf, task_dict=manager.load(names), bootstrap_iters=0, limit=10)["results"]

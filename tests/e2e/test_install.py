@@ -48,10 +48,12 @@ eval: {every: 0, max_batches: 2, batch_size: 4, task_limit: 8, max_new_tokens: 8
 def _link_site_packages(scratch: Path) -> None:
     """Link every distribution of this environment into the scratch one, except those in NOT_LINKED."""
     [target] = (scratch / "lib").glob("python*/site-packages")
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if entry.name.startswith(NOT_LINKED) or entry.name == "__pycache__":
-            continue
-        (target / entry.name).symlink_to(entry)
+    paths = sysconfig.get_paths()
+    for site in dict.fromkeys([paths["purelib"], paths["platlib"]]):
+        for entry in Path(site).iterdir():
+            if entry.name.startswith(NOT_LINKED) or entry.name == "__pycache__" or (target / entry.name).exists():
+                continue
+            (target / entry.name).symlink_to(entry)
 
 
 @pytest.fixture(scope="module")
