@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from forge_lm.trainer.parallel import collectives
+
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -114,8 +116,7 @@ def _is_main() -> bool:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 class Checkpointer:
@@ -136,7 +137,7 @@ class Checkpointer:
         if async_save and dist.is_initialized():
             # Background writes must not share a process group with training collectives (they would
             # interleave and hang), so they get their own gloo group.
-            self._async_group = dist.new_group(backend="gloo")
+            self._async_group = collectives.new_cpu_group()
 
     def paths(self, step: int) -> tuple[Path, Path]:
         """(final, temporary) directories of the checkpoint of `step`."""

@@ -25,6 +25,7 @@ from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.loss import IGNORE_INDEX, lm_loss
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.parallel.parallelize import parallelize, uses_fsdp
 from forge_lm.trainer.parallel.pipeline import Pipeline, build_pipeline, stage_ids_for_rank
@@ -74,22 +75,31 @@ class Engine:
         return loss_parallel() if self.tp_loss_parallel else contextlib.nullcontext()
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's summed token loss, scaled by dp_size / global tokens (see train_step)."""
         with self._loss_context():
-            return lm_loss(logits, labels)
+            return lm_loss(logits, labels, reduction="sum") * self._pipeline_scale
 
     def _all_reduce(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
-        if self.dims.distributed:
-            dist.all_reduce(value, group=self.dims.group(*dims))
-        return value
+        return collectives.all_reduce(value, group=self.dims.group(*dims))
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Forward and backward over this rank's micro-batches, clip, step. Returns the global mean loss."""
-        n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        n_global = int(self._all_reduce(torch.tensor(float(n_local)), "dp_replicate", "dp_shard").item())
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Forward and backward over this rank's micro-batches, clip, step.
+
+        Returns the global mean token loss, the gradient norm, MoE statistics and the global token count as
+        tensors on the device, and the learning rate as a float: nothing here waits for the device (no
+        `.item()`), so the host runs ahead; the training loop reads the values at its log steps.
+        """
+        micro_batches = [to_device(b, self.device) for b in micro_batches]
+        n_local = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()
+        n_global = self._all_reduce(n_local.float(), "dp_replicate", "dp_shard")
+        # Each token weighs the same whichever rank, micro-batch or pipeline stage it is in: every layout
+        # sums token losses and divides by the global token count. FSDP (and the pipeline's data-parallel
+        # replicas) average gradients over the dp ranks, hence * dp_size.
+        scale = self.dims.dp_size / n_global
         if self.pipeline is not None:
-            out = {"loss": self._pipeline_step(micro_batches)}
+            out = {"loss": self._pipeline_step(micro_batches, scale) / n_global}
         else:
-            out = self._accumulation_step(micro_batches, n_global)
+            out = self._accumulation_step(micro_batches, scale, n_global)
         grad_norm = self._clip_gradients()
         lr = self.optimizers[0].param_groups[0]["lr"]
         for opt, sched in zip(self.optimizers, self.schedulers):
@@ -99,12 +109,9 @@ class Engine:
         return {**out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
 
     def _accumulation_step(
-        self, micro_batches: list[dict[str, torch.Tensor]], n_global: int
-    ) -> dict[str, float]:
+        self, micro_batches: list[dict[str, torch.Tensor]], scale: torch.Tensor, n_global: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         model = self.parts[0]
-        # Each token weighs the same whichever rank and micro-batch it is in: sum the token losses and
-        # divide by the global token count. FSDP averages gradients over the dp ranks, hence * dp_size.
-        scale = self.dims.dp_size / n_global
         loss_sum = torch.zeros((), device=self.device)
         aux_sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
@@ -117,9 +124,9 @@ class Engine:
             loss_sum += _local(loss.detach()).float()
             for name, value in model.aux_losses().items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / len(micro_batches)
-        out = {"loss": self._all_reduce(loss_sum, "dp_replicate", "dp_shard").item() / n_global}
+        out = {"loss": self._all_reduce(loss_sum, "dp_replicate", "dp_shard") / n_global}
         for name, value in aux_sums.items():
-            out[name] = self._all_reduce(value, "dp_replicate", "dp_shard").item() / self.dims.dp_size
+            out[name] = self._all_reduce(value, "dp_replicate", "dp_shard") / self.dims.dp_size
         return out
 
     def _loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -139,28 +146,30 @@ class Engine:
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return model_inputs(batch, self.device, self.cfg.data.document_masking)
 
-    def _pipeline_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    def _pipeline_step(self, micro_batches: list[dict[str, torch.Tensor]], scale: torch.Tensor) -> torch.Tensor:
+        """Runs the schedule; returns the summed token loss over every rank's micro-batches.
+
+        The schedule's loss function returns each micro-batch's summed token loss times `scale` (the schedule
+        is built not to divide by the number of micro-batches), so padded micro-batches weigh by their
+        tokens exactly as in the other layouts.
+        """
         pipe = self.pipeline
-        inputs = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
-        labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)
+        inputs = torch.cat([b["input_ids"] for b in micro_batches])
+        labels = torch.cat([b["labels"] for b in micro_batches])
         losses: list[torch.Tensor] = []
         args = (inputs,) if pipe.has_first_stage else ()
+        self._pipeline_scale = scale
         with self.autocast:
             pipe.schedule.step(
                 *args,
                 target=labels if pipe.has_last_stage else None,
                 losses=losses if pipe.has_last_stage else None,
             )
-        return self._pipeline_mean_loss(losses)
-
-    def _pipeline_mean_loss(self, losses: list[torch.Tensor]) -> float:
-        """The last stage has the per-micro-batch losses: share their mean with every rank."""
         value = torch.zeros((), device=self.device)
-        if self.pipeline.has_last_stage:
-            value += torch.stack([_local(x).detach().float() for x in losses]).mean()
+        if pipe.has_last_stage:
+            value += torch.stack([_local(x).detach().float() for x in losses]).sum() / scale
         self._all_reduce(value, "pp")
-        self._all_reduce(value, "dp_replicate", "dp_shard")
-        return value.item() / self.dims.dp_size
+        return self._all_reduce(value, "dp_replicate", "dp_shard")
 
     def _clip_gradients(self) -> float:
         """Clip by the global gradient norm over all parameters of all stages and ranks.
@@ -185,7 +194,7 @@ class Engine:
         if max_norm > 0:
             for params in groups.values():
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm.item()
+        return norm
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
@@ -241,11 +250,11 @@ class Engine:
             if owner[sid] != me:
                 continue
             if sid > 0 and owner[sid - 1] != me:
-                h = _recv_tensor(dist.get_global_rank(group, owner[sid - 1]), self.device)
+                h = collectives.recv_tensor(dist.get_global_rank(group, owner[sid - 1]), self.device)
             with self.autocast:
                 h = mine[sid](h)
             if sid < last and owner[sid + 1] != me:
-                _send_tensor(_local(h).float(), dist.get_global_rank(group, owner[sid + 1]))
+                collectives.send_tensor(_local(h), dist.get_global_rank(group, owner[sid + 1]))
             if sid == last:
                 with self._loss_context():
                     value += _local(lm_loss(h, batch["labels"].to(self.device))).float()
@@ -278,6 +287,13 @@ class Engine:
         return model.to(self.device)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device`: on CUDA from pinned memory and without blocking, so the copy overlaps compute."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v if v.is_cuda else v.pin_memory().to(device, non_blocking=True)) for k, v in batch.items()}
+
+
 def model_inputs(
     batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool
 ) -> dict[str, torch.Tensor]:
@@ -292,19 +308,6 @@ def model_inputs(
     else:
         inputs["position_ids"] = batch["position_ids"].to(device)
     return inputs
-
-
-def _send_tensor(t: torch.Tensor, dst: int) -> None:
-    dist.send(torch.tensor(t.shape, dtype=torch.long), dst)
-    dist.send(t.contiguous(), dst)
-
-
-def _recv_tensor(src: int, device: torch.device) -> torch.Tensor:
-    shape = torch.zeros(3, dtype=torch.long)
-    dist.recv(shape, src)
-    t = torch.empty(tuple(shape.tolist()), device=device)
-    dist.recv(t, src)
-    return t
 
 
 def wants_bf16(cfg: Config, device: torch.device) -> bool:

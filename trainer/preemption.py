@@ -148,19 +148,12 @@ class StopSignal:
         at the same point (once per step); it is a collective when torch.distributed is initialised."""
         reason = self.local_reason()
         wanted = reason is not None
-        import torch.distributed as dist
+        from forge_lm.trainer.parallel import collectives
 
-        if dist.is_available() and dist.is_initialized():
-            import torch
-
-            device = torch.device("cpu")
-            if dist.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            flag = torch.tensor([1.0 if wanted else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() > 0 and not wanted:
-                reason = "another rank was asked to stop"
-                wanted = True
+        # A CPU-side flag (gloo): asking every step costs no wait for the GPU.
+        if collectives.any_rank(wanted) and not wanted:
+            reason = "another rank was asked to stop"
+            wanted = True
         if wanted and self.reason is None:
             self.reason = reason
         return wanted

@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -37,6 +36,7 @@ from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.eval.validation import build_val_sets
 from forge_lm.trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
 from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
 from forge_lm.trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 
@@ -82,10 +82,9 @@ def prepare_data(cfg: Config, dims: ParallelDims) -> Tokenizer:
         except (DataError, ConfigError) as e:
             error = e
     if dims.distributed:
-        shared = [str(error) if error else None]
-        dist.broadcast_object_list(shared, src=0)
-        if shared[0] is not None and error is None:
-            raise DataError(shared[0])
+        shared = collectives.broadcast_object(str(error) if error else None, src=0)
+        if shared is not None and error is None:
+            raise DataError(shared)
     if error is not None:
         raise error
     return ensure_tokenizer(cfg.data)
@@ -237,15 +236,29 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             dynamic_ncols=True,
             disable=None if dims.is_main else True,
         )
+        # The step's numbers stay on the device (no host sync per step); they are read at log steps, where
+        # speeds are averaged over the steps since the previous log.
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, None
         while step < cfg.trainer.max_steps:
-            t0 = time.perf_counter()
             out = engine.train_step([next(loader) for _ in range(accum)])
             step += 1
-            dt = time.perf_counter() - t0
-            loss, tokens_per_s = out["loss"], out["tokens"] / dt
+            window_steps += 1
+            window_tokens = out["tokens"] if window_tokens is None else window_tokens + out["tokens"]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+            log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
+            periodic = cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
+            if log_now or periodic:  # the health check before a checkpoint is written, too
+                out = {k: _host(v) for k, v in out.items()}
+                loss = out["loss"]
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss} at step {step}: lower trainer.lr or check the data."
+                    )
+            if log_now:
+                dt = (time.perf_counter() - window_start) / window_steps
+                tokens_per_s = _host(window_tokens) / (dt * window_steps)
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, None
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 record = {
                     "loss": loss,
                     "lr": out["lr"],
@@ -270,11 +283,8 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                     dt,
                     f" | MFU {record['mfu']:.1%}" if "mfu" in record else "",
                 )
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {step}: lower trainer.lr or check the data."
-                )
 
+            paused = time.perf_counter()  # evaluation and saving do not count in the training speed
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.max_steps:
                 validate(step)
             # Collective: every rank asks after every step, so all stop after the same one.
@@ -282,9 +292,9 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             exit_early = stopped or (
                 cfg.trainer.exit_at_step > 0 and step == cfg.trainer.exit_at_step < cfg.trainer.max_steps
             )
-            periodic = cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
             if periodic or exit_early or step == cfg.trainer.max_steps:
                 last_checkpoint = save(step)
+            window_start += time.perf_counter() - paused
             if exit_early:
                 if stopped:
                     logger.info("stopping at step %d for requeue (%s)", step, stop_signal.reason)
@@ -320,10 +330,15 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     result.wall_seconds = time.perf_counter() - started
     if dims.is_main and not exit_early:
         _print_summary(cfg, result, tokenizer_path=cfg.data.tokenizer.path)
-    if dims.distributed:
+    if collectives.active():  # also the 1-process group torchrun gets
         del engine, loader
         shutdown()
     return result
+
+
+def _host(value: Any) -> Any:
+    """A step statistic as a Python number (this waits for the device)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _flops_per_token(cfg: Config) -> int:

@@ -35,3 +35,17 @@ def test_layout_matches_single_process(layout, dist_root, single_process_losses)
     assert_same_losses(got, single_process_losses["train"])
     # validation at step 0 and at the end agrees too
     assert_same_losses(losses(dist_root / layout, "val"), single_process_losses["val"])
+
+
+def test_padded_batches_weigh_every_token_alike_under_pipeline_parallelism(tmp_path):
+    """With best-fit packing micro-batches carry different numbers of real tokens; the pipeline's loss must
+    still be the global token mean (not the mean of micro-batch means), as in one process."""
+    import json
+
+    best_fit = ["data.packing=best_fit"]
+    want = run_ok(1, tmp_path, "best_fit_reference", *best_fit)
+    manifests = list((tmp_path / "prepared").rglob("manifest.json"))
+    assert any(json.loads(m.read_text())["num_padding_tokens"] > 0 for m in manifests), "no padding to weigh"
+    got = run_ok(2, tmp_path, "best_fit_pp2", *best_fit, "parallel.pp=2", "parallel.dp_shard=1",
+                 "parallel.pp_schedule=1F1B")  # fmt: skip
+    assert_same_losses(got, want)

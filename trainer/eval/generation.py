@@ -82,7 +82,7 @@ def _lockstep(
     eos_id: Optional[int],
     seed: int,
 ) -> list[int]:
-    import torch.distributed as dist
+    from forge_lm.trainer.parallel import collectives
 
     device = model.device
     sampling = SamplingParams(temperature=max(temperature, 0.0), top_k=top_k or None, seed=seed)
@@ -93,7 +93,7 @@ def _lockstep(
         with model.autocast or torch.autocast(device.type, enabled=False):
             logits = full_tensor(model.module(ids))[0, -1].float()
         next_id = next_tokens(logits[None], sampling, generator)
-        dist.broadcast(next_id, src=0)  # rank 0 decides: ranks never disagree on the token or on stopping
+        collectives.broadcast(next_id, src=0)  # rank 0 decides: ranks never disagree on the token or on stopping
         token = int(next_id.item())
         new.append(token)
         if eos_id is not None and token == eos_id:

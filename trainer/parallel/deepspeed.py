@@ -42,6 +42,7 @@ from forge_lm.trainer.engine import model_inputs, wants_bf16
 from forge_lm.trainer.loss import IGNORE_INDEX, lm_loss
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.schedule import build_scheduler
 
@@ -115,9 +116,7 @@ class DeepSpeedEngine:
     # ---- one optimizer step ----------------------------------------------------------------------------
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(value)
-        return value
+        return collectives.all_reduce(value)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Forward and backward over this rank's micro-batches, clip, step. Returns the global mean loss."""
@@ -188,7 +187,7 @@ class DeepSpeedEngine:
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a save that was interrupted
             tmp.mkdir()
-        dist.barrier()
+        collectives.barrier()
         self.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
         if self.rank == 0:
             state = {

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from forge_lm.trainer.config import ConfigError, ParallelConfig
+from forge_lm.trainer.parallel import collectives
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -99,16 +100,23 @@ def check_layout(cfg: ParallelConfig, world_size: int) -> None:
 
 
 def init_parallel(cfg: ParallelConfig, device_type: str) -> ParallelDims:
-    """Start the process group (when more than one process runs) and build the mesh."""
+    """Start the process group (when more than one process runs, or torchrun started this one) and build
+    the mesh. Under torchrun a single process gets a process group too, so a one-GPU run sends its counts
+    and losses through the same NCCL collectives as a cluster; only a plain `forge train` has none."""
     world_size, rank, local_rank = world_from_env()
     check_layout(cfg, world_size)
-    if world_size == 1:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if world_size == 1 and not under_torchrun:
         return ParallelDims(cfg, 1, 0, 0, None)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # On CUDA, NCCL for tensors on the GPU and gloo for the CPU-side ones (object broadcasts, stop
+        # flags, barriers): trainer.parallel.collectives picks per call.
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if world_size == 1:  # the process group serves the collectives; a 1x1 layout needs no mesh
+        return ParallelDims(cfg, 1, 0, 0, None)
     sizes = (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.tp)
     mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
     return ParallelDims(cfg, world_size, rank, local_rank, mesh)
@@ -123,5 +131,5 @@ def shutdown() -> None:
     """
     gc.collect()
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
         dist.destroy_process_group()

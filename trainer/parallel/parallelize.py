@@ -39,8 +39,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
-        for name, block in list(_blocks(model)):
-            _set_block(model, name, torch.compile(block, fullgraph=False))
+        # In place (Module.compile), not torch.compile(block): a wrapper would rename every parameter
+        # (layers.0._orig_mod....), and checkpoints, export and generation need the model's own names.
+        for _, block in _blocks(model):
+            block.compile(fullgraph=False)
     if uses_fsdp(dims):
         dp_dims = ("dp_replicate", "dp_shard") if cfg.dp_replicate > 1 else ("dp_shard",)
         apply_fsdp(model, dims.sub_mesh(*dp_dims), param_dtype, cfg.reshard_after_forward)

@@ -90,12 +90,11 @@ def build_pipeline(
         modules.append(module)
         stages.append(PipelineStage(module, sid, n_stages, device, group=dims.group("pp")))
     schedule_cls = getattr(torch_schedules, f"Schedule{cfg.pp_schedule}")
-    # Each micro-batch's loss is a mean over its tokens; the schedule averages over micro-batches
-    # (scale_grads), which with equal-sized micro-batches is the mean over the whole batch.
-    if cfg.stages_per_rank == 1:
-        schedule = schedule_cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True)
-    else:
-        schedule = schedule_cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    # `loss_fn` returns each micro-batch's summed token loss already divided by the global token count
+    # (Engine.train_step): the schedule must not average over micro-batches as well (scale_grads=False),
+    # or micro-batches with more padding would weigh as much as full ones.
+    first = stages[0] if cfg.stages_per_rank == 1 else stages
+    schedule = schedule_cls(first, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return Pipeline(
         schedule=schedule,
         stages=stages,

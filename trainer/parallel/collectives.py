@@ -1,0 +1,112 @@
+"""Every collective the framework itself issues, in one place, each on the device its group can move.
+
+NCCL moves only CUDA tensors and gloo only CPU ones: a CPU tensor handed to an NCCL all-reduce fails with
+"No backend type associated with device type cpu" on the first step of a multi-GPU run, and a CUDA tensor
+handed to gloo fails the other way round. So every function here finds the device of the group's backend
+and allocates (or copies) its tensors there. On CUDA the default group is "cpu:gloo,cuda:nccl"
+(trainer.parallel.mesh), so CPU-side work (object broadcasts, barriers, stop flags) takes gloo and never
+waits for the GPU, while tensors already on the GPU take NCCL.
+
+Outside torch.distributed (a single process started without torchrun) every function is the identity: a
+sum over one rank is the value itself. tests/unit/test_collectives.py fails if any other module of the
+package calls a torch.distributed collective directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def active() -> bool:
+    """Whether a process group exists (torchrun started this process, or a backend needed one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_device(group: ProcessGroup = None, prefer_cuda: bool = True) -> torch.device:
+    """The device this group's collectives run on: CUDA if the group has NCCL (and `prefer_cuda`), else CPU."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and (prefer_cuda or "gloo" not in backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(value: torch.Tensor, op: str = "sum", group: ProcessGroup = None) -> torch.Tensor:
+    """Reduce `value` over the group, in place; returns it. A tensor on another device than the group's
+    (e.g. a CPU count under NCCL) is reduced through a copy on the group's device and copied back."""
+    if not active():
+        return value
+    device = group_device(group, prefer_cuda=value.device.type == "cuda")
+    work = value if value.device == device else value.to(device)
+    dist.all_reduce(work, op=_OPS[op], group=group)
+    if work is not value:
+        value.copy_(work)
+    return value
+
+
+def any_rank(flag: bool, group: ProcessGroup = None) -> bool:
+    """True on every rank if it is True on any. CPU-side (gloo where the group has it): no GPU wait."""
+    if not active():
+        return flag
+    device = group_device(group, prefer_cuda=False)
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item() > 0)
+
+
+def broadcast(value: torch.Tensor, src: int = 0, group: ProcessGroup = None) -> torch.Tensor:
+    """Rank `src`'s `value` on every rank, in place (through the group's device when it differs)."""
+    if not active():
+        return value
+    device = group_device(group, prefer_cuda=value.device.type == "cuda")
+    work = value if value.device == device else value.to(device)
+    dist.broadcast(work, src=src, group=group)
+    if work is not value:
+        value.copy_(work)
+    return value
+
+
+def broadcast_object(obj: Any, src: int = 0, group: ProcessGroup = None) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (for small messages such as an error text)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier(group: ProcessGroup = None) -> None:
+    if active():
+        dist.barrier(group=group)
+
+
+def send_tensor(value: torch.Tensor, dst: int, group: ProcessGroup = None) -> None:
+    """Point-to-point: the shape (3 dims at most), then the float data, to global rank `dst`."""
+    device = group_device(group, prefer_cuda=value.device.type == "cuda")
+    shape = torch.zeros(3, dtype=torch.long)
+    shape[: value.dim()] = torch.tensor(value.shape)
+    dist.send(shape.to(device), dst, group=group)
+    dist.send(value.contiguous().float().to(device), dst, group=group)
+
+
+def recv_tensor(src: int, device: torch.device, group: ProcessGroup = None) -> torch.Tensor:
+    """The tensor `send_tensor` sent from global rank `src`, on `device`."""
+    wire = group_device(group, prefer_cuda=device.type == "cuda")
+    shape = torch.zeros(3, dtype=torch.long, device=wire)
+    dist.recv(shape, src, group=group)
+    dims = [int(n) for n in shape.tolist() if n > 0]
+    value = torch.empty(dims, device=wire)
+    dist.recv(value, src, group=group)
+    return value.to(device)
+
+
+def new_cpu_group() -> ProcessGroup:
+    """A gloo group over all ranks, for work that must not share a queue with training collectives
+    (background checkpoint writes would interleave with them and hang)."""
+    return dist.new_group(backend="gloo") if active() else None
