@@ -38,14 +38,23 @@ TRANSFORMERS = ("transformers", "transformers (the reference it is timed against
 COMMANDS: dict[str, Command] = {
     "train": Command("forge_lm.trainer.train:main", "pre-train a model: Hydra overrides, --config-dir DIR"),
     "prepare": Command("forge_lm.data.prepare:main", "train the tokenizer and write packed token shards"),
-    "eval": Command("forge_lm.trainer.eval.__main__:main", "evaluate a run, checkpoint or Hugging Face folder"),
+    "eval": Command(
+        "forge_lm.trainer.eval.__main__:main", "evaluate a run, checkpoint or Hugging Face folder"
+    ),
     "export": Command("forge_lm.tools.export_hf:main", "export a checkpoint to a Hugging Face folder"),
     "plan": Command("forge_lm.launch.plan:main", "will a layout fit, and how fast: mesh, memory, step time"),
     "slurm": Command("forge_lm.launch.slurm:main", "submit a run to SLURM, requeued on preemption"),
-    "torchrun": Command("forge_lm.launch.torchrun:main", "start torchrun with its flags filled in from launch.*"),
-    "memcheck": Command("forge_lm.launch.memcheck:main", "check the planner's memory estimate against a real run"),
+    "torchrun": Command(
+        "forge_lm.launch.torchrun:main", "start torchrun with its flags filled in from launch.*"
+    ),
+    "memcheck": Command(
+        "forge_lm.launch.memcheck:main", "check the planner's memory estimate against a real run"
+    ),
     "arch-diff": Command("forge_lm.tools.arch_diff:main", "which knobs differ between two architectures"),
     "arch-show": Command("forge_lm.tools.arch_show:main", "an architecture's knobs, parameters and FLOPs"),
+    "gpu-check": Command(
+        "forge_lm.tools.gpu_check:main", "the one-command GPU check and its report (--cpu: tiny)"
+    ),
     "lm-eval": Command(
         "forge_lm.trainer.eval.harness:main", "lm-evaluation-harness with the model 'forge'", LM_EVAL
     ),
@@ -55,10 +64,14 @@ COMMANDS: dict[str, Command] = {
 }
 
 BENCHMARKS: dict[str, Command] = {
-    "train": Command("forge_lm.tools.bench_train:main", "training tokens/s and MFU vs transformers", TRANSFORMERS),
+    "train": Command(
+        "forge_lm.tools.bench_train:main", "training tokens/s and MFU vs transformers", TRANSFORMERS
+    ),
     "data": Command("forge_lm.tools.bench_data:main", "data pipeline throughput vs the bare tokenizer"),
     "inference": Command(
-        "forge_lm.tools.bench_inference:main", "prefill and decode tokens/s vs transformers.generate", TRANSFORMERS
+        "forge_lm.tools.bench_inference:main",
+        "prefill and decode tokens/s vs transformers.generate",
+        TRANSFORMERS,
     ),
     "kernels": Command(
         "forge_lm.tools.bench_kernels:main",

@@ -55,3 +55,16 @@ def tiny_overrides(output_root: Path, run_name: str, *extra: str) -> list[str]:
         "eval.max_new_tokens=8",
         *extra,
     ]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need a CUDA device: without one they are skipped, saying so (CPU CI, this machine);
+    `python -m forge_lm.tools.gpu_check` runs them where a GPU is."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run by python -m forge_lm.tools.gpu_check)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -1,12 +1,17 @@
-"""Training throughput: tokens/s and MFU of the framework's train step, side by side with a plain
-`transformers` LlamaForCausalLM train step of the same model (same weights, batch and optimizer).
+"""Training throughput of the real step, `Engine.train_step`, side by side with a plain `transformers` step.
 
-    forge bench train                          # CPU-sized defaults
-    forge bench train --preset 1b --seq 4096 --batch 1 --compile --device cuda
+    forge bench train                                   # CPU-sized defaults: the ~7M model
+    forge bench train --preset 100m --steps 6           # ~100M parameters
+    forge bench train --preset 1b --seq 4096 --batch 1 --device cuda --no-hf
+    torchrun --nproc-per-node 8 -m forge_lm.tools.bench_train --preset 1b --layout parallel.dp_shard=8 --no-hf
 
-Both steps run interleaved in one process (A, B, A, B, ...) so machine noise hits both alike; the
-ratio is framework / transformers. MFU uses 6N + 12*L*H*Q*T FLOPs per token and the device's peak
-bf16 FLOP/s (no MFU on a CPU). This is a benchmark script, not a test.
+The framework side is the engine the trainer runs (`forge_lm.trainer.engine.Engine`, built from the same
+config tree, with the chosen layout's code path: `--layout` takes `parallel.*` overrides), once eager and
+once with `parallel.compile=true`. The reference is `LlamaForCausalLM` loaded from the framework's own export
+of the same weights, stepped with the same optimizer, clipping and batch, eager. All steps run interleaved
+in one process (A, B, C, A, B, C, ...) so machine noise hits them alike; ratios are tokens/s over the eager
+transformers step's. MFU uses 6N + attention FLOPs per token and the device's peak bf16 FLOP/s (none on a
+CPU). This is a benchmark script, not a test.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import time
 import torch
 
 from forge_lm.trainer.config import TrainerConfig
+from forge_lm.trainer.config_store import compose, to_config
+from forge_lm.trainer.engine import Engine
 from forge_lm.trainer.hub import to_hf
 from forge_lm.trainer.loss import lm_loss
 from forge_lm.trainer.metrics import device_name, peak_flops
-from forge_lm.trainer.model import Decoder, ModelConfig
+from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.parallel.mesh import init_parallel, shutdown
 
-PRESETS = {
-    "tiny": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192),
-    "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=32000),
+PRESETS = {  # Llama-3-style shapes
+    "tiny": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192),  # ~7M parameters
+    "100m": dict(d_model=768, n_layers=10, n_heads=12, n_kv_heads=4, vocab_size=16384),  # ~100M
     "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256),
 }
 
@@ -37,67 +45,89 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step on each data-parallel rank")
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models' blocks")
-    p.add_argument("--no-hf", action="store_true", help="time only the framework (e.g. a model too big for two copies)")
+    p.add_argument("--layout", nargs="*", default=[], help="parallel.* overrides (under torchrun)")
+    p.add_argument("--no-compile", action="store_true", help="skip the parallel.compile=true engine")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. a model too big for copies)")
     args = p.parse_args()
 
     device = torch.device(args.device)
     bf16 = device.type == "cuda"
-    cfg = ModelConfig(max_seq_len=args.seq, tie_embeddings=False, **PRESETS[args.preset])
-    ours = Decoder.build(cfg, device=device, seed=0)
-    opt_cfg = TrainerConfig(lr=1e-4, weight_decay=0.1)
-    steps = {"framework": _framework_step(ours, build_optimizer(ours, opt_cfg), bf16, args.compile)}
-    if not args.no_hf:
-        hf = _hf_copy(ours, device)
-        steps["transformers"] = _hf_step(hf, build_optimizer(hf, opt_cfg), bf16, args.compile)
+    shape = [f"model.{k}={v}" for k, v in PRESETS[args.preset].items()]
+    base = [
+        "model=llama3_tiny", *shape, f"model.max_seq_len={args.seq}", "model.tie_embeddings=false",
+        f"data.seq_len={args.seq}", f"trainer.micro_batch_size={args.batch}", "trainer.lr=1e-4",
+        f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.device={device.type}", *args.layout,
+    ]  # fmt: skip
+    cfg = to_config(compose([*base, f"trainer.global_batch_tokens={args.batch * args.seq}"]))
+    dp = cfg.parallel.dp_size
+    if dp > 1:  # one micro-batch per rank and step
+        cfg = to_config(compose([*base, f"trainer.global_batch_tokens={args.batch * args.seq * dp}"]))
+    dims = init_parallel(cfg.parallel, device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dims.local_rank)
 
-    gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
-    inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    steps, model_info = {}, None
+    variants = [("framework eager", False)] + ([] if args.no_compile else [("framework compiled", True)])
+    for name, compiled in variants:
+        cfg.parallel.compile = compiled
+        model = Decoder.build(cfg.model, device=device, seed=0)
+        model_info = model_info or (model.num_params(), model.flops_per_token(args.seq))
+        if name == "framework eager" and not args.no_hf and dims.world_size == 1:
+            steps["transformers eager"] = _hf_step(_hf_copy(model, device), cfg.trainer, bf16)
+        engine = Engine(cfg, dims, device, model)
+        steps[name] = _engine_step(engine)
+
+    gen = torch.Generator().manual_seed(dims.dp_rank)
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=gen)
+    batch = {
+        "input_ids": ids[:, :-1].contiguous(),
+        "labels": ids[:, 1:].contiguous(),
+        "position_ids": torch.arange(args.seq).expand(args.batch, args.seq),
+    }
     for fn in steps.values():
         for _ in range(args.warmup):
-            fn(inputs, labels)
+            fn(batch)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.steps):
         for name, fn in steps.items():
             _sync(device)
             t0 = time.perf_counter()
-            fn(inputs, labels)
+            fn(batch)
             _sync(device)
             times[name].append(time.perf_counter() - t0)
 
-    tokens = args.batch * args.seq
-    flops = ours.flops_per_token(args.seq)
-    peak = peak_flops(device_name(device))
-    print(f"device: {device_name(device)} | {platform.processor() or platform.machine()} | torch {torch.__version__}")
-    print(f"model: {args.preset} ({ours.num_params() / 1e6:.1f}M parameters), batch {args.batch} x seq {args.seq}, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if args.compile else ''}")
-    rates = {}
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        rates[name] = tokens / median
-        mfu = f" | MFU {flops * rates[name] / peak:.1%}" if peak else ""
-        print(f"{name:>13}: {rates[name]:>10,.0f} tokens/s | {median * 1e3:8.1f} ms/step (median of {len(ts)}){mfu}")
-    if "transformers" in rates:
-        print(f"ratio framework / transformers: {rates['framework'] / rates['transformers']:.2f}x")
+    if dims.is_main:
+        n_params, flops = model_info
+        tokens = args.batch * args.seq * dp
+        peak = peak_flops(device_name(device))
+        print(
+            f"device: {device_name(device)} | {platform.processor() or platform.machine()} | torch {torch.__version__}"
+        )
+        print(
+            f"model: {args.preset} ({n_params / 1e6:.1f}M parameters), batch {args.batch} x seq {args.seq} per rank, "
+            f"{dims.world_size} rank(s) {' '.join(args.layout) or ''}, {'bf16' if bf16 else 'fp32'}"
+        )
+        rates = {}
+        for name, ts in times.items():
+            median = statistics.median(ts)
+            rates[name] = tokens / median
+            mfu = f" | MFU {flops * rates[name] / (peak * dims.world_size):.1%}" if peak else ""
+            print(
+                f"{name:>19}: {rates[name]:>10,.0f} tokens/s | {median * 1e3:8.1f} ms/step (median of {len(ts)}){mfu}"
+            )
+        if "transformers eager" in rates:
+            for name in (n for n in rates if n.startswith("framework")):
+                print(f"ratio {name} / transformers eager: {rates[name] / rates['transformers eager']:.2f}x")
+    shutdown()
 
 
-def _framework_step(model, optimizer, bf16: bool, compile_blocks: bool):
-    if compile_blocks:
-        for i, block in enumerate(model.layers):
-            model.layers[i] = torch.compile(block)
-
-    def step(inputs, labels):
-        with torch.autocast(inputs.device.type, torch.bfloat16, enabled=bf16):
-            logits = model(inputs)
-        lm_loss(logits, labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def _engine_step(engine: Engine):
+    def step(batch):
+        engine.train_step([batch])
 
     return step
 
@@ -112,16 +142,15 @@ def _hf_copy(model: Decoder, device: torch.device):
     return hf.to(device).train()
 
 
-def _hf_step(model, optimizer, bf16: bool, compile_blocks: bool):
-    if compile_blocks:
-        for i, block in enumerate(model.model.layers):
-            model.model.layers[i] = torch.compile(block)
+def _hf_step(model, trainer_cfg: TrainerConfig, bf16: bool):
+    optimizer = build_optimizer(model, trainer_cfg)
 
-    def step(inputs, labels):
+    def step(batch):
+        inputs, labels = batch["input_ids"].to(model.device), batch["labels"].to(model.device)
         with torch.autocast(inputs.device.type, torch.bfloat16, enabled=bf16):
             logits = model(input_ids=inputs).logits
         lm_loss(logits, labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

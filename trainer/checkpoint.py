@@ -151,6 +151,21 @@ class Checkpointer:
         optimizers: list[torch.optim.Optimizer],
         train_state: dict[str, Any],
     ) -> Path:
+        """A DCP checkpoint of `parts` and `optimizers` (in the background with `async_save`)."""
+        final, tmp = self.begin(step)
+        state = {"model": model_state(parts), "optim": optimizer_state(parts, optimizers)}
+        self.write_train_state(tmp, step, train_state)
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            self._pending = (future, step, final)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        self.complete(step, tmp, final)
+        return final
+
+    def begin(self, step: int) -> tuple[Path, Path]:
+        """Start checkpoint `step`: finish any background save, then an empty `step_<N>.tmp` that every rank
+        writes into. Returns (final, temporary) directories; `complete` turns the one into the other."""
         self.wait()
         final, tmp = self.paths(step)
         if _is_main():
@@ -159,16 +174,12 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a save that was interrupted
             tmp.mkdir()
         _barrier()
-        state = {"model": model_state(parts), "optim": optimizer_state(parts, optimizers)}
+        return final, tmp
+
+    def write_train_state(self, tmp: Path, step: int, train_state: dict[str, Any]) -> None:
+        """Rank 0 writes what resuming needs besides the tensors: step, RNG state and `train_state`."""
         if _is_main():
             torch.save({"step": step, "rng": rng_state(), **train_state}, tmp / TRAIN_STATE)
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
-            self._pending = (future, step, final)
-            return final
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        self.complete(step, tmp, final)
-        return final
 
     def wait(self) -> None:
         """Finish a background save: wait for every rank's writes, then mark it complete."""

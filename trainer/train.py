@@ -126,12 +126,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     # -- model: built whole on every rank from the same seed, then split by the parallel layout --
     cfg.model.with_vocab(tokenizer.vocab_size)
     model = Decoder.build(cfg.model, device=device, seed=cfg.trainer.seed)
-    if cfg.trainer.backend == "deepspeed":
-        from forge_lm.trainer.parallel.deepspeed import DeepSpeedEngine
-
-        engine = DeepSpeedEngine(cfg, dims, device, model)
-    else:
-        engine = Engine(cfg, dims, device, model)
+    engine = Engine(cfg, dims, device, model)  # FSDP2/TP/PP, or DeepSpeed ZeRO (trainer.backend)
     del model  # the engine owns it now
     checkpointer = ckpt.Checkpointer(
         run_dir / "checkpoints", keep_last=cfg.trainer.keep_last, async_save=cfg.trainer.async_checkpoint
@@ -197,7 +192,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         seed=cfg.trainer.seed,
         max_context=cfg.data.seq_len,
     )
-    eval_model = engine.eval_model() if hasattr(engine, "eval_model") else None
+    eval_model = engine.eval_model()
 
     def report(evaluation: EvalResult) -> None:
         for kind, record in evaluation.records():

@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO as an alternative training backend: `trainer.backend=deepspeed`.
 
-`DeepSpeedEngine` has the surface of `forge_lm.trainer.engine.Engine` that `train.py` uses (`train_step`,
-`evaluate`, `save`, `load`, `full_model`, `parts`, `precision`), so the model, data, metrics, evaluation
-and checkpoint layout are the same whichever backend trains. What differs is who shards: DeepSpeed's
-ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) over all processes, instead of
-FSDP2 on the device mesh. DeepSpeed runs data parallelism only (config validation refuses tp/pp).
+`DeepSpeedStrategy` is one of the two strategies (trainer/strategy.py) under the training engine: token
+counting, loss scaling, accumulation, evaluation and the checkpoint's train state are the engine's, so
+they are the same whichever backend trains. What differs is who shards: DeepSpeed's ZeRO stage 1
+(optimizer state), 2 (+ gradients) or 3 (+ parameters) over all processes, instead of FSDP2 on the
+device mesh. DeepSpeed runs data parallelism only (config validation refuses tp/pp).
 
 There is no DeepSpeed JSON file: `deepspeed_config(cfg)` derives the whole DeepSpeed config from the
 Hydra config. The optimizer is ours (`forge_lm.trainer.optim.build_optimizer`: torch AdamW, no weight decay on
@@ -25,11 +25,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
-import shutil
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,13 +35,11 @@ import torch.distributed as dist
 
 from forge_lm.trainer import checkpoint as ckpt
 from forge_lm.trainer.config import Config, ConfigError
-from forge_lm.trainer.engine import model_inputs, wants_bf16
-from forge_lm.trainer.loss import IGNORE_INDEX, lm_loss
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.optim import build_optimizer
-from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.schedule import build_scheduler
+from forge_lm.trainer.strategy import Strategy, summed_loss, wants_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +68,7 @@ def deepspeed_config(cfg: Config, bf16: bool, device_type: str = "cpu") -> dict[
     }
 
 
-class DeepSpeedEngine:
+class DeepSpeedStrategy(Strategy):
     """The model wrapped by `deepspeed.initialize` with our optimizer and schedule; see the module doc."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, model: Decoder) -> None:
@@ -112,66 +107,27 @@ class DeepSpeedEngine:
             config=self.ds_config,
         )
         self.parts = [self.engine.module]
+        self.optimizers, self.schedulers = [self.optimizer], [self.scheduler]
+        self.dp_size, self.dp_group = self.world_size, None  # ZeRO averages over all ranks
 
-    # ---- one optimizer step ----------------------------------------------------------------------------
+    # ---- forward, backward, step -------------------------------------------------------------------------
 
-    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
-        return collectives.all_reduce(value)
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return summed_loss(self.engine, batch, self.device, self.cfg.data.document_masking)
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Forward and backward over this rank's micro-batches, clip, step. Returns the global mean loss."""
-        engine = self.engine
-        if len(micro_batches) != engine.gradient_accumulation_steps():
-            raise ValueError(
-                f"DeepSpeed is configured for {engine.gradient_accumulation_steps()} micro-batches per step, "
-                f"got {len(micro_batches)}"
-            )
-        n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        n_global = int(self._all_reduce(torch.tensor(float(n_local))).item())
-        lr = self.optimizer.param_groups[0]["lr"]
-        # As in Engine: every token weighs the same whichever rank and micro-batch it is in, so each
-        # micro-batch contributes (sum of its token losses) / (global token count). DeepSpeed averages the
-        # gradients over the data-parallel ranks, hence * world_size; it would also divide each backward
-        # by the accumulation steps, which scale_wrt_gas=False turns off.
-        scale = self.world_size / n_global
-        loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            logits = engine(**model_inputs(batch, self.device, self.cfg.data.document_masking))
-            loss = lm_loss(logits, batch["labels"].to(self.device), reduction="sum")
-            # MoE auxiliary losses (zero for dense models), a mean over micro-batches as in Engine.
-            aux = engine.module.aux_loss() / len(micro_batches)
-            engine.backward(loss * scale + aux, scale_wrt_gas=False)
-            engine.step()  # reduces, clips (gradient_clipping) and steps at the last micro-batch only
-            loss_sum += loss.detach().float()
-        total = self._all_reduce(loss_sum)
-        grad_norm = engine.get_global_grad_norm()
-        return {
-            "loss": total.item() / n_global,
-            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-            "lr": lr,
-            "tokens": n_global,
-        }
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed would divide each backward by the accumulation steps: scale_wrt_gas=False turns that off,
+        since the engine has already divided by the global token count. `step()` after every micro-batch is
+        DeepSpeed's protocol: it reduces, clips (gradient_clipping) and steps at the last one only."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
 
-    # ---- evaluation ----------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Token-weighted mean validation loss; every rank evaluates the same batches (ZeRO-3 gathers
-        parameters collectively during forward, so all ranks must run the same forwards)."""
-        self.engine.eval()
-        total, tokens = 0.0, 0
-        try:
-            for batch in batches:
-                labels = batch["labels"].to(self.device)
-                logits = self.engine(**model_inputs(batch, self.device, self.cfg.data.document_masking))
-                total += lm_loss(logits, labels, reduction="sum").item()
-                tokens += int((labels != IGNORE_INDEX).sum())
-        finally:
-            self.engine.train()
-        if tokens == 0:
-            raise ValueError("the validation set is empty: raise data.val_fraction or lower data.seq_len")
-        loss = total / tokens
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    def optimizer_step(self) -> torch.Tensor:
+        # Stepped in `backward` at the accumulation boundary; the norm DeepSpeed measured for its clipping.
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return torch.tensor(float("nan"), device=self.device)
+        return norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm), device=self.device)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
@@ -179,29 +135,14 @@ class DeepSpeedEngine:
         """DeepSpeed writes its files into step_<N>.tmp, rank 0 adds train_state.pt, then the shared
         `Checkpointer.complete` marks, renames and prunes. Always synchronous (trainer.async_checkpoint
         applies to the torch backend)."""
-        checkpointer.wait()
-        root = checkpointer.root
-        final, tmp = checkpointer.paths(step)
-        if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a save that was interrupted
-            tmp.mkdir()
-        collectives.barrier()
-        self.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-        if self.rank == 0:
-            state = {
-                "step": step,
-                "rng": ckpt.rng_state(),
-                "scheduler": self.scheduler.state_dict(),
-                **train_state,
-            }
-            torch.save(state, tmp / ckpt.TRAIN_STATE)
+        final, tmp = checkpointer.begin(step)
+        self.engine.save_checkpoint(str(checkpointer.root), tag=tmp.name, save_latest=False)
+        checkpointer.write_train_state(tmp, step, train_state)
         checkpointer.complete(step, tmp, final)
         return final
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Restore model, optimizer and schedule; returns the train state (step, loader, RNG, metadata)."""
+        """Restore model and optimizer state; returns the train state (step, schedule, loader, RNG, metadata)."""
         path = Path(path)
         state = ckpt.read_train_state(path)
         self._check_layout(path)
@@ -216,10 +157,6 @@ class DeepSpeedEngine:
             ) from e
         if loaded is None:
             raise ckpt.CheckpointError(f"DeepSpeed found no checkpoint to load in {path}")
-        self.scheduler.load_state_dict(state["scheduler"])
-        # The learning rate of the next step comes from the schedule, whatever the optimizer state held.
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
         return state
 
     def _check_layout(self, path: Path) -> None:
