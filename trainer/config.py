@@ -327,7 +327,8 @@ class Config:
             raise ConfigError(
                 f"trainer.global_batch_tokens={gbt} is not a multiple of data.seq_len * trainer.micro_batch_size * "
                 f"data-parallel size = {seq} * {mbs} * {dp} = {per_step}: set it to a multiple of {per_step} "
-                "or change trainer.micro_batch_size."
+                f"(e.g. {per_step * max(1, round(gbt / per_step))}) or change trainer.micro_batch_size"
+                + (f" (e.g. {_micro_batch_that_fits(gbt, seq, dp)})." if _micro_batch_that_fits(gbt, seq, dp) else ".")
             )
 
         self._check_parallel_fits_model()
@@ -342,7 +343,8 @@ class Config:
         if m.n_heads % p.tp or m.n_kv_heads % p.tp:
             raise ConfigError(
                 f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}: "
-                "each tensor-parallel rank holds whole heads. Choose tp among their common divisors."
+                "each tensor-parallel rank holds whole heads. Choose tp among their common divisors: "
+                f"{[d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0]}."
             )
         if p.tp > 1 and m.ffn_dim % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} must divide model.ffn_dim={m.ffn_dim}.")
@@ -365,7 +367,8 @@ class Config:
             if stages > m.n_layers:
                 raise ConfigError(
                     f"parallel.pp={p.pp} with schedule {p.pp_schedule} needs {stages} stages but the model has only "
-                    f"model.n_layers={m.n_layers}: lower parallel.pp or use a single-stage schedule (1F1B, GPipe)."
+                    f"model.n_layers={m.n_layers}: lower parallel.pp to at most {max(1, m.n_layers // p.stages_per_rank)}, "
+                    "or use a single-stage schedule (1F1B, GPipe)."
                 )
             if m.tie_embeddings:
                 raise ConfigError(
@@ -390,3 +393,11 @@ class Config:
         return self.trainer.global_batch_tokens // (
             self.data.seq_len * self.trainer.micro_batch_size * self.parallel.dp_size
         )
+
+
+def _micro_batch_that_fits(global_batch_tokens: int, seq_len: int, dp: int) -> int | None:
+    """The largest micro-batch (sequences) with which `global_batch_tokens` splits evenly, or None."""
+    sequences_per_rank, rest = divmod(global_batch_tokens // seq_len, dp)
+    if rest or sequences_per_rank == 0:
+        return None
+    return max(d for d in range(1, min(sequences_per_rank, 64) + 1) if sequences_per_rank % d == 0)

@@ -17,7 +17,8 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = report.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    summary = text.split("\n## ")[0]  # the table; each check's output follows under its own heading
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| check")]
     assert len(rows) == 7 and all("| pass |" in row for row in rows), "\n".join(rows)
     assert "loss 6." in text and "framework compiled" in text and "same tokens: yes" in text
     assert "parameter and optimizer bytes as planned" in text

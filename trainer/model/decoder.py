@@ -7,6 +7,7 @@ Module names are stable and plain (nn.Linear / nn.Embedding, no fused projection
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -108,18 +109,12 @@ class Decoder(nn.Module):
         only the last position's logits are returned, [B, 1, vocab_size].
         After a forward, MoE models expose their auxiliary losses through `aux_losses()` / `aux_loss()`.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if cache is not None:
             position_ids, document_ids = cache.positions(T), None
-        elif position_ids is None:
-            if document_ids is not None:
-                position_ids = positions_in_documents(document_ids)
-            else:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        h = self.embed(input_ids)
-        inputs = self.attention_inputs(position_ids, document_ids, h.dtype, cache)
-        for layer in self.layers:
-            h = layer(h, inputs, cache=cache)  # a keyword: tensor-parallel plans see two inputs
+        elif position_ids is None and document_ids is not None:
+            position_ids = positions_in_documents(document_ids)
+        h = self.run_layers(self.embed(input_ids), self.layers, position_ids, document_ids, cache)
         if labels is not None:
             return self.token_losses(h, labels)
         if cache is not None:
@@ -133,13 +128,26 @@ class Decoder(nn.Module):
 
         x is token ids when `embed`, else hidden states from the previous stage. Positions are 0..T-1.
         """
-        h = self.embed(x) if embed else x
-        B, T = h.shape[:2]
-        position_ids = torch.arange(T, device=h.device).expand(B, T)
-        inputs = self.attention_inputs(position_ids, None, h.dtype)
-        for layer in layers:
-            h = layer(h, inputs)
+        h = self.run_layers(self.embed(x) if embed else x, layers)
         return self.head(h) if head else h
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        layers: Iterable[nn.Module],
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """The one loop over blocks that every path runs (training, pipeline stages, scoring, decoding):
+        hidden states h [B, T, d] through `layers`, positions 0..T-1 unless given."""
+        if position_ids is None:
+            B, T = h.shape[:2]
+            position_ids = torch.arange(T, device=h.device).expand(B, T)
+        inputs = self.attention_inputs(position_ids, document_ids, h.dtype, cache)
+        for layer in layers:
+            h = layer(h, inputs, cache=cache)  # a keyword: tensor-parallel plans see two inputs
+        return h
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)
@@ -166,11 +174,8 @@ class Decoder(nn.Module):
     def score(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For evaluation on an unsharded model: log p(targets[b, t] | input_ids[b, :t+1]) [B, T] fp32, and
         whether each target is the most likely token [B, T] bool (lm_eval's is_greedy)."""
-        h = self.embed(input_ids)
         B, T = input_ids.shape
-        inputs = self.attention_inputs(torch.arange(T, device=input_ids.device).expand(B, T), None, h.dtype)
-        for layer in self.layers:
-            h = layer(h, inputs)
+        h = self.run_layers(self.embed(input_ids), self.layers)
         logprobs, greedy = linear_log_probs(
             self.norm(h).flatten(0, 1), self.output.weight, targets.flatten(), self.cfg.final_softcap
         )

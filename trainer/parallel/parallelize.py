@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from forge_lm.trainer.config import ParallelConfig
+from forge_lm.trainer.kernels import dispatch as kernels_dispatch
 from forge_lm.trainer.model.layers import RMSNorm
 from forge_lm.trainer.parallel.mesh import ParallelDims
 
@@ -43,10 +44,26 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
         # (layers.0._orig_mod....), and checkpoints, export and generation need the model's own names.
         for _, block in _blocks(model):
             block.compile(fullgraph=False)
+        compile_loss_head(model)
     if uses_fsdp(dims):
         dp_dims = ("dp_replicate", "dp_shard") if cfg.dp_replicate > 1 else ("dp_shard",)
         apply_fsdp(model, dims.sub_mesh(*dp_dims), param_dtype, cfg.reshard_after_forward)
     return model
+
+
+def compile_loss_head(model: nn.Module) -> None:
+    """Compile the loss head (final norm, output projection, cross-entropy) where no fused kernel runs it.
+
+    Where the Triton linear + cross-entropy runs (CUDA), it never holds the [tokens, vocab] logits, and
+    compiling would trade it for Inductor's reference (which does): it stays eager. Elsewhere the reference
+    runs anyway and is, for small models, the largest single piece of a step; compiled, Inductor fuses the
+    softmax and its backward. An instance attribute, so no parameter name changes.
+    """
+    head = getattr(model, "token_losses", None)
+    weight = getattr(getattr(model, "output", None), "weight", None)
+    if head is None or weight is None or (weight.is_cuda and kernels_dispatch.triton_available()):
+        return
+    model.token_losses = torch.compile(head)
 
 
 def uses_fsdp(dims: ParallelDims) -> bool:
