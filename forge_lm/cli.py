@@ -50,6 +50,10 @@ COMMANDS: dict[str, Command] = {
     "memcheck": Command(
         "forge_lm.launch.memcheck:main", "check the planner's memory estimate against a real run"
     ),
+    "compare": Command(
+        "forge_lm.tools.compare_runs:main",
+        "the first step where two runs' losses part, and their config diff",
+    ),
     "arch-diff": Command("forge_lm.tools.arch_diff:main", "which knobs differ between two architectures"),
     "arch-show": Command("forge_lm.tools.arch_show:main", "an architecture's knobs, parameters and FLOPs"),
     "gpu-check": Command(
