@@ -50,6 +50,7 @@ COMMANDS: dict[str, Command] = {
     "memcheck": Command(
         "forge_lm.launch.memcheck:main", "check the planner's memory estimate against a real run"
     ),
+    "plot": Command("forge_lm.tools.plot_runs:main", "PNG pictures of runs: losses, bpb, tasks, lr, norms, speed"),
     "compare": Command(
         "forge_lm.tools.compare_runs:main",
         "the first step where two runs' losses part, and their config diff",

@@ -113,6 +113,11 @@ class TrainerConfig:
     """'torch' (FSDP2 / tensor / pipeline parallel on the device mesh) or 'deepspeed' (ZeRO, data parallel only)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = True
+    """Also write the logged scalars (and samples as text) as TensorBoard event files into <run_dir>/tensorboard
+    (rank 0 only): `tensorboard --logdir runs` then shows every run, offline."""
+    plot: bool = True
+    """At the end of a run, draw <run_dir>/plots/overview.png (`forge plot` on this run) and print its path."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "deepspeed"):

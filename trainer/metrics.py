@@ -1,7 +1,8 @@
-"""Training metrics: one JSON line per record in <run_dir>/metrics.jsonl, mirrored to wandb.
+"""Training metrics: one JSON line per record in <run_dir>/metrics.jsonl, mirrored to TensorBoard and wandb.
 
-wandb is optional at run time: offline by default (files under <run_dir>/wandb, `wandb sync` later),
-and if it cannot start for any reason the run continues with a warning instead of failing.
+TensorBoard event files go to <run_dir>/tensorboard (`tensorboard --logdir runs`), scalars as
+'<kind>/<name>' and samples as text. wandb is offline by default (files under <run_dir>/wandb, `wandb sync`
+later). Neither ever stops a run: if one cannot start or write, the run continues with a warning.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ logger = logging.getLogger(__name__)
 
 class MetricsLogger:
     def __init__(
-        self, run_dir: str | os.PathLike, wandb_cfg: WandbConfig, run_name: str, config: dict[str, Any]
+        self,
+        run_dir: str | os.PathLike,
+        wandb_cfg: WandbConfig,
+        run_name: str,
+        config: dict[str, Any],
+        tensorboard: bool = True,
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._tensorboard = _start_tensorboard(Path(run_dir) / "tensorboard") if tensorboard else None
         self._wandb = _start_wandb(Path(run_dir), wandb_cfg, run_name, config)
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
@@ -33,6 +40,18 @@ class MetricsLogger:
         record.update({k: _plain(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tensorboard is not None:
+            try:
+                for key, value in record.items():
+                    if key in ("kind", "step", "time"):
+                        continue
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+                    elif isinstance(value, str):
+                        self._tensorboard.add_text(f"{kind}/{key}", value, step)
+            except Exception as e:  # never let logging stop training
+                logger.warning("TensorBoard logging failed (%s); continuing without it", e)
+                self._tensorboard = None
         if self._wandb is not None:
             try:
                 self._wandb.log(
@@ -59,12 +78,25 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb is not None:
             try:
                 self._wandb.finish()
             except Exception as e:
                 logger.warning("wandb.finish failed: %s", e)
             self._wandb = None
+
+
+def _start_tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(folder), flush_secs=10)
+    except Exception as e:  # e.g. the tensorboard package is missing: the run goes on
+        logger.warning("TensorBoard event files are off (%s)", e)
+        return None
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: Optional[str] = None) -> list[dict[str, Any]]:

@@ -59,6 +59,8 @@ class RunResult:
     """The last evaluation: validation numbers (overall and per source), task metrics and samples."""
     wall_seconds: float = 0.0
     stopped_for_requeue: bool = False
+    figure: Optional[Path] = None
+    """<run_dir>/plots/overview.png, drawn at the end (trainer.plot)."""
     """Stopped early (SIGUSR1/SIGTERM, the stop file or trainer.time_budget_s) after saving a checkpoint."""
 
 
@@ -147,7 +149,11 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     metrics = None
     if dims.is_main:
         metrics = MetricsLogger(
-            run_dir, cfg.trainer.wandb, cfg.name, OmegaConf.to_container(OmegaConf.structured(cfg))
+            run_dir,
+            cfg.trainer.wandb,
+            cfg.name,
+            OmegaConf.to_container(OmegaConf.structured(cfg)),
+            tensorboard=cfg.trainer.tensorboard,
         )
     accum = cfg.grad_accum_steps
     # (ZeRO-3 swaps parameters for empty placeholders; ds_numel is their real size)
@@ -322,6 +328,8 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     loader.close()  # stops its prefetch thread / online workers
     if metrics is not None:
         metrics.close()
+        if cfg.trainer.plot and not exit_early:
+            result.figure = _draw_figure(run_dir)
     result.wall_seconds = time.perf_counter() - started
     if dims.is_main and not exit_early:
         _print_summary(cfg, result, tokenizer_path=cfg.data.tokenizer.path)
@@ -329,6 +337,19 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         del engine, loader
         shutdown()
     return result
+
+
+def _draw_figure(run_dir: Path) -> Optional[Path]:
+    """The run's overview figure (forge plot); a failure to draw is a warning, never a failed run."""
+    try:
+        from forge_lm.tools.plot_runs import plot_runs
+
+        out = run_dir / "plots" / "overview.png"
+        plot_runs([run_dir], out)
+        return out
+    except Exception as e:
+        logger.warning("could not draw the run's figure (%s); `forge plot %s` draws it later", e, run_dir)
+        return None
 
 
 def _host(value: Any) -> Any:
@@ -408,6 +429,12 @@ def _print_summary(cfg: Config, r: RunResult, tokenizer_path: str) -> None:
         f"    run directory     {r.run_dir}",
         f"    resolved config   {r.run_dir / 'config.yaml'}",
         f"    metrics (JSONL)   {r.run_dir / 'metrics.jsonl'}",
+        *([f"    figure            {r.figure}"] if r.figure else []),
+        *(
+            [f"    TensorBoard       tensorboard --logdir {r.run_dir / 'tensorboard'}"]
+            if cfg.trainer.tensorboard
+            else []
+        ),
         f"    log               {r.run_dir / 'train.log'}",
         f"    checkpoint        {r.checkpoint}",
         f"    Hugging Face dir  {r.hf_dir}",
