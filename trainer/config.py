@@ -56,6 +56,27 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces and CUDA memory snapshots of chosen steps (trainer/profiling.py)."""
+
+    steps: list[int] = field(default_factory=list)
+    """[first, last]: record a trace of these steps (inclusive) into <run_dir>/profile/, a Chrome/Perfetto JSON
+    per rank with named ranges forge/data, forge/forward, forge/backward, forge/optimizer and one per
+    collective. [] (default): no profiling."""
+    memory_snapshot_step: Optional[int] = None
+    """On CUDA: record allocations during this step and dump a snapshot for PyTorch's memory visualizer
+    (<run_dir>/profile/memory_step<N>_rank<R>.pickle). None: off."""
+
+    def __post_init__(self) -> None:
+        if self.steps and (len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]):
+            raise ConfigError(
+                f"trainer.profile.steps={list(self.steps)}: give [first, last] with 1 <= first <= last, e.g. [5,6]."
+            )
+        if self.memory_snapshot_step is not None and self.memory_snapshot_step < 1:
+            raise ConfigError(f"trainer.profile.memory_snapshot_step={self.memory_snapshot_step} must be >= 1.")
+
+
+@dataclass
 class TrainerConfig:
     """The optimisation: batch, schedule, optimizer, precision, checkpoints."""
 
@@ -112,6 +133,7 @@ class TrainerConfig:
     backend: str = "torch"
     """'torch' (FSDP2 / tensor / pipeline parallel on the device mesh) or 'deepspeed' (ZeRO, data parallel only)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = True
     """Also write the logged scalars (and samples as text) as TensorBoard event files into <run_dir>/tensorboard

@@ -26,6 +26,7 @@ from forge_lm.trainer.loss import IGNORE_INDEX
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.profiling import phase
 from forge_lm.trainer.strategy import Strategy, model_inputs, to_device, wants_bf16
 
 __all__ = ["Engine", "build_strategy", "model_inputs", "to_device", "wants_bf16"]
@@ -80,23 +81,28 @@ class Engine:
         lr = s.optimizers[0].param_groups[0]["lr"]
         out: dict[str, Any] = {}
         if s.runs_schedule:
-            loss_sum = s.schedule_step(micro_batches, scale)
+            with phase("pipeline_schedule"):  # forward and backward of every micro-batch, interleaved
+                loss_sum = s.schedule_step(micro_batches, scale)
         else:
             loss_sum = torch.zeros((), device=self.device)
             aux_sums: dict[str, torch.Tensor] = {}
             for batch in micro_batches:
                 with s.loss_context():
-                    loss = s.loss_sum(batch)
-                    # MoE routers' auxiliary losses (zero for dense models): a mean over micro-batches,
-                    # averaged over dp ranks like the gradients themselves.
-                    s.backward(loss * scale + s.aux_loss() / len(micro_batches))
+                    with phase("forward"):
+                        loss = s.loss_sum(batch)
+                        # MoE routers' auxiliary losses (zero for dense models): a mean over micro-batches,
+                        # averaged over dp ranks like the gradients themselves.
+                        total = loss * scale + s.aux_loss() / len(micro_batches)
+                    with phase("backward"):
+                        s.backward(total)
                 loss_sum += _local(loss.detach()).float()
                 for name, value in s.aux_losses().items():
                     aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / len(micro_batches)
             for name, value in aux_sums.items():
                 out[name] = collectives.all_reduce(value, group=s.dp_group) / s.dp_size
             loss_sum = collectives.all_reduce(loss_sum, group=s.dp_group)
-        grad_norm = s.optimizer_step()
+        with phase("optimizer"):
+            grad_norm = s.optimizer_step()
         return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
 
     # ---- evaluation ----------------------------------------------------------------------------------------

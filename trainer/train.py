@@ -39,6 +39,7 @@ from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
 from forge_lm.trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
+from forge_lm.trainer.profiling import StepProfiler, phase
 
 logger = logging.getLogger("forge_lm.trainer")
 
@@ -237,12 +238,17 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             dynamic_ncols=True,
             disable=None if dims.is_main else True,
         )
+        profiler = StepProfiler(cfg.trainer.profile, run_dir, dims.rank, device)
         # The step's numbers stay on the device (no host sync per step); they are read at log steps, where
         # speeds are averaged over the steps since the previous log.
         window_start, window_steps, window_tokens = time.perf_counter(), 0, None
         while step < cfg.trainer.max_steps:
-            out = engine.train_step([next(loader) for _ in range(accum)])
+            profiler.before(step + 1)
+            with phase("data"):
+                batches = [next(loader) for _ in range(accum)]
+            out = engine.train_step(batches)
             step += 1
+            profiler.after(step)
             window_steps += 1
             window_tokens = out["tokens"] if window_tokens is None else window_tokens + out["tokens"]
             bar.update(1)
