@@ -30,7 +30,7 @@ PANELS = [
 ]
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
     """Exponential moving average, bias-corrected so the first points are not pulled towards zero."""
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
