@@ -77,6 +77,15 @@ class ProfileConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Debugging aids for a run that went wrong (trainer/debug.py); all off by default."""
+
+    find_nonfinite: bool = False
+    """Check every module's output and input gradient as they are produced, and stop at the first NaN/Inf
+    naming the module (and its non-finite parameters). Waits for the device once per module: slow."""
+
+
+@dataclass
 class TrainerConfig:
     """The optimisation: batch, schedule, optimizer, precision, checkpoints."""
 
@@ -134,6 +143,7 @@ class TrainerConfig:
     """'torch' (FSDP2 / tensor / pipeline parallel on the device mesh) or 'deepspeed' (ZeRO, data parallel only)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = True
     """Also write the logged scalars (and samples as text) as TensorBoard event files into <run_dir>/tensorboard

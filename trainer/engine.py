@@ -21,6 +21,7 @@ import torch
 
 from forge_lm.trainer import checkpoint as ckpt
 from forge_lm.trainer.config import Config
+from forge_lm.trainer.debug import NonFiniteHunter
 from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.loss import IGNORE_INDEX
 from forge_lm.trainer.model import Decoder
@@ -47,6 +48,8 @@ class Engine:
     def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, model: Decoder) -> None:
         self.cfg, self.dims, self.device = cfg, dims, device
         self.strategy = build_strategy(cfg, dims, device, model)
+        self.steps_done = 0
+        self.hunter = NonFiniteHunter(self.strategy.parts) if cfg.trainer.debug.find_nonfinite else None
 
     # What the loop and the tools read.
     @property
@@ -71,6 +74,9 @@ class Engine:
         `.item()`), so the host runs ahead; the training loop reads the values at its log steps.
         """
         s = self.strategy
+        self.steps_done += 1
+        if self.hunter is not None:
+            self.hunter.step = self.steps_done
         micro_batches = [to_device(b, self.device) for b in micro_batches]
         n_local = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()
         n_global = collectives.all_reduce(n_local.float(), group=s.dp_group)
@@ -139,6 +145,7 @@ class Engine:
 
     def load(self, path: Path) -> dict[str, Any]:
         state = self.strategy.load(Path(path))
+        self.steps_done = state["step"]
         for scheduler, optimizer in zip(self.strategy.schedulers, self.strategy.optimizers):
             scheduler.load_state_dict(state["scheduler"])
             # The learning rate of the next step comes from the schedule, whatever the optimizer state held.

@@ -467,7 +467,7 @@ def main(dcfg: DictConfig) -> Any:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (DataError, ckpt.CheckpointError) as e:
+    except (DataError, ckpt.CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if result.stopped_for_requeue:
