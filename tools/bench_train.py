@@ -4,6 +4,7 @@
     forge bench train --preset 100m --steps 6           # ~100M parameters
     forge bench train --preset 1b --seq 4096 --batch 1 --device cuda --no-hf
     torchrun --nproc-per-node 8 -m forge_lm.tools.bench_train --preset 1b --layout parallel.dp_shard=8 --no-hf
+    forge bench train --overhead --steps 40              # what the default instrumentation costs a step
 
 The framework side is the engine the trainer runs (`forge_lm.trainer.engine.Engine`, built from the same
 config tree, with the chosen layout's code path: `--layout` takes `parallel.*` overrides), once eager and
@@ -12,6 +13,11 @@ of the same weights, stepped with the same optimizer, clipping and batch, eager.
 in one process (A, B, C, A, B, C, ...) so machine noise hits them alike; ratios are tokens/s over the eager
 transformers step's. MFU uses 6N + attention FLOPs per token and the device's peak bf16 FLOP/s (none on a
 CPU). This is a benchmark script, not a test.
+
+`--overhead` instead times the same eager engine with and without the default instrumentation: the step-time
+breakdown (trainer/timing.py) and, every `--log-every` steps, reading it and writing the train record to
+metrics.jsonl and TensorBoard, as the training loop does. Blocks of `--log-every` steps alternate between
+the two; the overhead is the median over block pairs of (instrumented / bare - 1).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ def main() -> None:
     p.add_argument("--layout", nargs="*", default=[], help="parallel.* overrides (under torchrun)")
     p.add_argument("--no-compile", action="store_true", help="skip the parallel.compile=true engine")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. a model too big for copies)")
+    p.add_argument("--overhead", action="store_true", help="time the default instrumentation instead")
+    p.add_argument("--log-every", type=int, default=10, help="--overhead: steps between two log records")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -69,6 +77,11 @@ def main() -> None:
     dims = init_parallel(cfg.parallel, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dims.local_rank)
+
+    if args.overhead:
+        _overhead(cfg, dims, device, args)
+        shutdown()
+        return
 
     steps, model_info = {}, None
     variants = [("framework eager", False)] + ([] if args.no_compile else [("framework compiled", True)])
@@ -123,6 +136,67 @@ def main() -> None:
             for name in (n for n in rates if n.startswith("framework")):
                 print(f"ratio {name} / transformers eager: {rates[name] / rates['transformers eager']:.2f}x")
     shutdown()
+
+
+def _batch(cfg, args, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=gen)
+    return {
+        "input_ids": ids[:, :-1].contiguous(),
+        "labels": ids[:, 1:].contiguous(),
+        "position_ids": torch.arange(args.seq).expand(args.batch, args.seq),
+    }
+
+
+def _overhead(cfg, dims, device: torch.device, args) -> None:
+    """Instrumented vs bare blocks of `log_every` steps of one eager engine, alternating."""
+    from forge_lm.trainer.config import WandbConfig
+    from forge_lm.trainer.metrics import MetricsLogger
+    from forge_lm.trainer.timing import breakdown_record
+
+    engine = Engine(cfg, dims, device, Decoder.build(cfg.model, device=device, seed=0))
+    batch = _batch(cfg, args, dims.dp_rank)
+    with tempfile.TemporaryDirectory() as run_dir:
+        metrics = MetricsLogger(run_dir, WandbConfig(mode="disabled"), "overhead", {}, tensorboard=True)
+
+        def block(instrumented: bool) -> float:
+            engine.clock.enabled = instrumented
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(args.log_every):
+                out = engine.train_step([batch])
+                if instrumented and i == args.log_every - 1:
+                    record = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+                    record.update(breakdown_record(engine.clock.read(), args.log_every))
+                    metrics.log(engine.steps_done, record, "train")
+            if not instrumented:
+                float(out["loss"])  # the bare loop reads its loss once per block too
+            _sync(device)
+            return time.perf_counter() - t0
+
+        for _ in range(args.warmup):
+            block(True), block(False)
+        ratios, bare, instr = [], [], []
+        for i in range(args.steps):
+            first = i % 2 == 0  # alternate which goes first, so drift hits both alike
+            a, b = (block(True), block(False)) if first else tuple(reversed((block(False), block(True))))
+            instr.append(a), bare.append(b), ratios.append(a / b)
+        metrics.close()
+    if dims.is_main:
+        print(
+            f"device: {device_name(device)} | {platform.processor() or platform.machine()} | torch {torch.__version__}"
+        )
+        print(
+            f"model: {args.preset}, batch {args.batch} x seq {args.seq}, blocks of {args.log_every} steps, "
+            f"{args.steps} pairs"
+        )
+        print(f"bare:         {statistics.median(bare) / args.log_every * 1e3:8.2f} ms/step (median block)")
+        print(f"instrumented: {statistics.median(instr) / args.log_every * 1e3:8.2f} ms/step (median block)")
+        q = statistics.quantiles(ratios, n=4)
+        print(
+            f"overhead of the breakdown + metrics.jsonl + TensorBoard: {100 * (statistics.median(ratios) - 1):+.2f}% "
+            f"(median of per-pair ratios; quartiles {100 * (q[0] - 1):+.2f}% .. {100 * (q[2] - 1):+.2f}%)"
+        )
 
 
 def _engine_step(engine: Engine):

@@ -5,7 +5,10 @@
 
 Panels (from each run's metrics.jsonl; a panel with nothing to show says so): training loss (raw and
 smoothed), validation loss, bits per byte per data source, benchmark task accuracies, learning rate,
-gradient norm, tokens/s (and MFU when measured), peak memory.
+gradient norm, tokens/s (and MFU when measured), peak memory. Runs that recorded layer statistics
+(`trainer.debug.layer_stats_steps`) also get layer_stats.png beside it: per block, the output RMS and largest
+magnitude and the largest attention logit, and per parameter group the gradient and update RMS, a curve
+per recorded step.
 """
 
 from __future__ import annotations
@@ -123,6 +126,75 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, names: Optional[Sequence[str]
     return {title: len(ax.lines) for title, ax in axes.items()}
 
 
+LAYER_PANELS = {
+    "block output RMS": ("act_rms", "RMS"),
+    "block output max |value|": ("act_max", "largest magnitude"),
+    "attention logit max": ("attn_logit_max", "largest pre-softmax score"),
+    "gradient RMS (before clipping)": ("grad_rms", "RMS"),
+    "update RMS": ("update_rms", "RMS of the optimizer's change"),
+}
+
+
+def plot_layer_stats(
+    run_dirs: Sequence[Path], out: Path, names: Optional[Sequence[str]] = None
+) -> Optional[dict[str, int]]:
+    """The layer statistics of every run (x: block or parameter group, one curve per recorded step, darker =
+    later; a line style per run) into `out`; None (nothing drawn) when no run recorded any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(names or [Path(r).name for r in run_dirs])
+    records = [read_metrics(run, "layer_stats") for run in run_dirs]
+    if not any(records):
+        return None
+    fig, grid = plt.subplots(2, 3, figsize=(18, 10), constrained_layout=True)
+    grid[-1, -1].axis("off")
+    cmap = plt.get_cmap("viridis")
+    last_step = max(r["step"] for recs in records for r in recs)
+    for ax, (title, (prefix, ylabel)) in zip(grid.flat, LAYER_PANELS.items()):
+        found = {
+            k.split("/", 1)[1] for recs in records for r in recs for k in r if k.startswith(prefix + "/")
+        }
+        groups = sorted(found, key=_model_order)
+        order = {g: i for i, g in enumerate(groups)}
+        for j, (recs, name) in enumerate(zip(records, names)):
+            for r in recs:
+                keys = sorted(
+                    (k for k in r if k.startswith(prefix + "/")), key=lambda k: order[k.split("/", 1)[1]]
+                )
+                xs = [order[k.split("/", 1)[1]] for k in keys]
+                ax.plot(xs, [r[k] for k in keys], ["o-", "s--", "^:", "d-."][j % 4],
+                        color=cmap(0.15 + 0.7 * r["step"] / last_step), label=f"{name} @ step {r['step']}")  # fmt: skip
+        ax.set_xticks(
+            range(len(groups)), [g.replace("layers.", "L") for g in groups], rotation=60, fontsize=8
+        )
+        ax.set_title(title)
+        ax.set_xlabel("block / parameter group")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale(
+            "log" if ax.lines and all(v > 0 for line in ax.lines for v in line.get_ydata()) else "linear"
+        )
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle("layer statistics: " + " vs ".join(names), fontsize=13)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return {title: len(ax.lines) for title, ax in zip(LAYER_PANELS, grid.flat)}
+
+
+def _model_order(group: str) -> tuple:
+    """Embeddings, then the blocks in order, then the final norm and the output head."""
+    if group.startswith("layers."):
+        return (1, int(group.split(".")[1]), "")
+    return (0 if "embed" in group else 2, 0, group)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (each holds metrics.jsonl)")
@@ -140,6 +212,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out) if args.out else runs[0] / "plots" / "overview.png"
     plot_runs(runs, out, args.names)
     print(f"wrote {out}")
+    layers = out.with_name("layer_stats.png")
+    if plot_layer_stats(runs, layers, args.names) is not None:
+        print(f"wrote {layers}")
     return 0
 
 

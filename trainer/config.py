@@ -83,6 +83,24 @@ class DebugConfig:
     find_nonfinite: bool = False
     """Check every module's output and input gradient as they are produced, and stop at the first NaN/Inf
     naming the module (and its non-finite parameters). Waits for the device once per module: slow."""
+    layer_stats_steps: list[int] = field(default_factory=list)
+    """Steps at which to record per-layer statistics (kind "layer_stats" in metrics.jsonl and TensorBoard,
+    drawn by `forge plot` into plots/layer_stats.png): each block's output RMS and largest magnitude, its
+    largest attention logit, and gradient and update RMS per parameter group. [] (default): none."""
+    layer_stats_every: int = 0
+    """Also record them every this many steps; 0 (default): only at `layer_stats_steps`. They wait for the
+    device and copy the parameters once, so keep them to a few steps."""
+
+    @property
+    def layer_stats_wanted(self) -> bool:
+        return bool(self.layer_stats_steps) or self.layer_stats_every > 0
+
+    def __post_init__(self) -> None:
+        if self.layer_stats_every < 0 or any(s < 1 for s in self.layer_stats_steps):
+            raise ConfigError(
+                f"trainer.debug.layer_stats_every={self.layer_stats_every} must be >= 0 and "
+                f"trainer.debug.layer_stats_steps={list(self.layer_stats_steps)} hold steps >= 1, e.g. [1,100]."
+            )
 
 
 @dataclass
@@ -150,6 +168,10 @@ class TrainerConfig:
     (rank 0 only): `tensorboard --logdir runs` then shows every run, offline."""
     plot: bool = True
     """At the end of a run, draw <run_dir>/plots/overview.png (`forge plot` on this run) and print its path."""
+    data_stall_warn: float = 0.1
+    """Warn when waiting for the data loader takes more than this fraction of the training time between two
+    log steps (the loader cannot keep up: raise data.prefetch, or prepare the data offline with data.mode=offline);
+    0: never."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "deepspeed"):
@@ -167,6 +189,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"trainer.decay_fraction={self.decay_fraction} must be in (0, 1].")
+        if not 0.0 <= self.data_stall_warn < 1.0:
+            raise ConfigError(f"trainer.data_stall_warn={self.data_stall_warn} must be in [0, 1) (0: never warn).")
         if self.time_budget_s < 0:
             raise ConfigError(f"trainer.time_budget_s={self.time_budget_s} must be >= 0 (0: no budget).")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_last < 1 or self.exit_at_step < 0:
@@ -372,6 +396,12 @@ class Config:
 
     def _check_parallel_fits_model(self) -> None:
         p, m = self.parallel, self.model
+        if self.trainer.backend == "deepspeed" and self.trainer.debug.layer_stats_wanted:
+            raise ConfigError(
+                "trainer.debug.layer_stats_steps/layer_stats_every need trainer.backend=torch: DeepSpeed keeps the "
+                "gradients in its own partitioned buffers. Set trainer.debug.layer_stats_steps=[] or use "
+                "trainer.backend=torch."
+            )
         if self.trainer.backend == "deepspeed" and (p.tp > 1 or p.pp > 1 or p.dp_replicate > 1):
             raise ConfigError(
                 "trainer.backend=deepspeed runs ZeRO data parallelism only: set parallel.tp=1, parallel.pp=1 and "

@@ -82,3 +82,159 @@ class NonFiniteHunter:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+# ---- layer statistics at chosen steps ------------------------------------------------------------------
+
+
+def parameter_group(name: str) -> str:
+    """The group a parameter's statistics are reported under: its block (`layers.3`) or its top-level
+    module (`embed`, `norm`, `output`)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" and len(parts) > 1 else parts[0]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor made whole (tensor/sequence-parallel activations, sharded norms); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def attention_logit_max(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The largest pre-softmax score scale * q.k over causal (query, key) pairs, for q [B, Hq, T, D] and
+    k [B, Hkv, T, D]; computed a block of queries at a time so the scores never exceed ~256 MB."""
+    B, Hq, T, _ = q.shape
+    k = k.repeat_interleave(Hq // k.shape[1], dim=1).float()
+    q = q.float()
+    chunk = max(1, (1 << 26) // max(1, B * Hq * T))
+    best = torch.full((), float("-inf"), device=q.device)
+    keys = torch.arange(T, device=q.device)
+    for start in range(0, T, chunk):
+        queries = torch.arange(start, min(start + chunk, T), device=q.device)
+        scores = (q[:, :, queries] @ k.transpose(-2, -1)) * scale
+        scores = scores.masked_fill(keys[None, :] > queries[:, None], float("-inf"))
+        best = torch.maximum(best, scores.max())
+    return best
+
+
+class LayerStats:
+    """Per-layer statistics of chosen training steps (`trainer.debug.layer_stats_steps` / `_every`):
+
+    - `act_rms/<block>`, `act_max/<block>`: RMS and largest magnitude of each block's output (over all of the
+      step's micro-batches on the reporting rank);
+    - `attn_logit_max/<block>`: the largest pre-softmax attention score over causal pairs;
+    - `grad_rms/<group>`: RMS of the gradient of each parameter group (a block, the embedding, the final
+      norm, the output head) before clipping, over the whole model;
+    - `update_rms/<group>`: RMS of what the optimizer step changed in that group's parameters.
+
+    The engine calls `watch` before the forward, `before_update` after the backward and `after_update`
+    after the optimizer step, on every rank together; they wait for the device, which is why this runs
+    only at the chosen steps. Gradient and update statistics are global (sharded tensors are reduced);
+    the activations are those of the lowest rank holding the block (rank 0, or the pipeline stage's first).
+    """
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self._handles: list = []
+        self._acts: dict[str, list[torch.Tensor]] = {}
+        self._logits: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.layer_stats_every
+        return step in self.cfg.layer_stats_steps or (every > 0 and step % every == 0)
+
+    def watch(self, parts: Iterable[nn.Module]) -> None:
+        self._acts, self._logits, self._stats = {}, {}, {}
+        for part in parts:
+            for name, module in part.named_modules():
+                if parameter_group(name) == name and name.startswith("layers."):
+                    self._handles.append(module.register_forward_hook(self._record_output(name)))
+                    attention = getattr(module, "attention", None)
+                    if attention is not None and hasattr(attention, "queries_keys"):
+                        hook = self._record_logits(name, attention)
+                        self._handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _record_output(self, name: str):
+        def hook(_module, _inputs, output) -> None:
+            with torch.no_grad():
+                h = _full(output[0] if isinstance(output, tuple) else output).detach().float()
+                sums = torch.stack([h.pow(2).sum(), torch.tensor(float(h.numel()), device=h.device)])
+                peak = h.abs().max()
+            acc = self._acts.get(name)
+            self._acts[name] = [sums, peak] if acc is None else [acc[0] + sums, torch.maximum(acc[1], peak)]
+
+        return hook
+
+    def _record_logits(self, name: str, attention: nn.Module):
+        def hook(_module, args, kwargs) -> None:
+            if kwargs.get("cache") is not None:
+                return
+            with torch.no_grad():
+                q, k, _ = attention.queries_keys(*args[:3])
+                value = attention_logit_max(_full(q), _full(k), attention.scale)
+            old = self._logits.get(name)
+            self._logits[name] = value if old is None else torch.maximum(old, value)
+
+        return hook
+
+    def before_update(self, parts: Iterable[nn.Module]) -> None:
+        """After the backward: the gradients' sums of squares per group, and a copy of the parameters."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        grads: dict[str, list[torch.Tensor]] = {}
+        self._before = {}
+        with torch.no_grad():
+            for part in parts:
+                for name, p in part.named_parameters():
+                    group = parameter_group(name)
+                    if p.grad is not None:
+                        grads.setdefault(group, []).append(_full(p.grad.float().pow(2).sum()).reshape(1))
+                    self._before[name] = (group, p.detach().clone())
+        numel = self._numel(parts)
+        for group, sums in grads.items():
+            self._stats[f"grad_rms/{group}"] = (torch.cat(sums).sum() / numel[group]).sqrt()
+
+    def after_update(self, parts: Iterable[nn.Module]) -> dict[str, float]:
+        """After the optimizer step: the update RMS per group; then everything as floats, on every rank."""
+        from forge_lm.trainer.parallel import collectives
+
+        sums: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for part in parts:
+                for name, p in part.named_parameters():
+                    group, old = self._before[name]
+                    change = _full((p.detach().float() - old.float()).pow(2).sum()).reshape(1)
+                    sums[group] = change if group not in sums else sums[group] + change
+        self._before = {}
+        numel = self._numel(parts)
+        stats = dict(self._stats)
+        stats.update({f"update_rms/{g}": (s.sum() / numel[g]).sqrt() for g, s in sums.items()})
+        for name, (sq_and_n, peak) in self._acts.items():
+            stats[f"act_rms/{name}"] = (sq_and_n[0] / sq_and_n[1]).sqrt()
+            stats[f"act_max/{name}"] = peak
+        stats.update({f"attn_logit_max/{name}": value for name, value in self._logits.items()})
+        mine = {key: float(value) for key, value in stats.items()}
+        merged: dict[str, float] = {}
+        for record in collectives.all_gather_object(mine):  # pipeline stages each hold their own blocks
+            for key, value in record.items():
+                merged.setdefault(key, value)
+        return dict(sorted(merged.items(), key=lambda kv: _natural(kv[0])))
+
+    @staticmethod
+    def _numel(parts: Iterable[nn.Module]) -> dict[str, int]:
+        """Elements per group over the whole model (a DTensor's numel is its global size)."""
+        numel: dict[str, int] = {}
+        for part in parts:
+            for name, p in part.named_parameters():
+                group = parameter_group(name)
+                numel[group] = numel.get(group, 0) + p.numel()
+        return numel
+
+
+def _natural(key: str) -> tuple:
+    """Sort `layers.10` after `layers.9`."""
+    return tuple(int(t) if t.isdigit() else t for t in key.replace("/", ".").split("."))

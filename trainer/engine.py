@@ -21,7 +21,7 @@ import torch
 
 from forge_lm.trainer import checkpoint as ckpt
 from forge_lm.trainer.config import Config
-from forge_lm.trainer.debug import NonFiniteHunter
+from forge_lm.trainer.debug import LayerStats, NonFiniteHunter
 from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.loss import IGNORE_INDEX
 from forge_lm.trainer.model import Decoder
@@ -29,6 +29,7 @@ from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.profiling import phase
 from forge_lm.trainer.strategy import Strategy, model_inputs, to_device, wants_bf16
+from forge_lm.trainer.timing import StepClock
 
 __all__ = ["Engine", "build_strategy", "model_inputs", "to_device", "wants_bf16"]
 
@@ -49,7 +50,12 @@ class Engine:
         self.cfg, self.dims, self.device = cfg, dims, device
         self.strategy = build_strategy(cfg, dims, device, model)
         self.steps_done = 0
+        self.last_layer_stats: Optional[dict[str, float]] = None
+        """The layer statistics of the last step that took them (trainer.debug.layer_stats_*), for the log."""
         self.hunter = NonFiniteHunter(self.strategy.parts) if cfg.trainer.debug.find_nonfinite else None
+        self.layer_stats = LayerStats(cfg.trainer.debug) if cfg.trainer.debug.layer_stats_wanted else None
+        self.clock = StepClock(device)
+        """Where the steps' time goes; the training loop reads it at log steps (trainer/timing.py)."""
 
     # What the loop and the tools read.
     @property
@@ -77,38 +83,48 @@ class Engine:
         self.steps_done += 1
         if self.hunter is not None:
             self.hunter.step = self.steps_done
+        stats = self.layer_stats if self.layer_stats and self.layer_stats.due(self.steps_done) else None
         micro_batches = [to_device(b, self.device) for b in micro_batches]
         n_local = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()
-        n_global = collectives.all_reduce(n_local.float(), group=s.dp_group)
+        with self.clock.device("comm"):
+            n_global = collectives.all_reduce(n_local.float(), group=s.dp_group)
         # Each token weighs the same whichever rank, micro-batch or pipeline stage it is in: every
         # strategy sums token losses and the engine divides by the global token count. Strategies average
         # gradients over their data-parallel ranks, hence * dp_size.
         scale = s.dp_size / n_global
         lr = s.optimizers[0].param_groups[0]["lr"]
         out: dict[str, Any] = {}
+        if stats is not None:
+            stats.watch(s.parts)
         if s.runs_schedule:
-            with phase("pipeline_schedule"):  # forward and backward of every micro-batch, interleaved
+            with phase("pipeline_schedule"), self.clock.device("fwd_bwd"):  # every micro-batch, interleaved
                 loss_sum = s.schedule_step(micro_batches, scale)
         else:
             loss_sum = torch.zeros((), device=self.device)
             aux_sums: dict[str, torch.Tensor] = {}
-            for batch in micro_batches:
-                with s.loss_context():
-                    with phase("forward"):
-                        loss = s.loss_sum(batch)
-                        # MoE routers' auxiliary losses (zero for dense models): a mean over micro-batches,
-                        # averaged over dp ranks like the gradients themselves.
-                        total = loss * scale + s.aux_loss() / len(micro_batches)
-                    with phase("backward"):
-                        s.backward(total)
-                loss_sum += _local(loss.detach()).float()
-                for name, value in s.aux_losses().items():
-                    aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / len(micro_batches)
-            for name, value in aux_sums.items():
-                out[name] = collectives.all_reduce(value, group=s.dp_group) / s.dp_size
-            loss_sum = collectives.all_reduce(loss_sum, group=s.dp_group)
-        with phase("optimizer"):
+            with self.clock.device("fwd_bwd"):
+                for batch in micro_batches:
+                    with s.loss_context():
+                        with phase("forward"):
+                            loss = s.loss_sum(batch)
+                            # MoE routers' auxiliary losses (zero for dense models): a mean over
+                            # micro-batches, averaged over dp ranks like the gradients themselves.
+                            total = loss * scale + s.aux_loss() / len(micro_batches)
+                        with phase("backward"):
+                            s.backward(total)
+                    loss_sum += _local(loss.detach()).float()
+                    for name, value in s.aux_losses().items():
+                        aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / len(micro_batches)
+            with self.clock.device("comm"):
+                for name, value in aux_sums.items():
+                    out[name] = collectives.all_reduce(value, group=s.dp_group) / s.dp_size
+                loss_sum = collectives.all_reduce(loss_sum, group=s.dp_group)
+        if stats is not None:
+            stats.before_update(s.parts)
+        with phase("optimizer"), self.clock.device("optimizer"):
             grad_norm = s.optimizer_step()
+        if stats is not None:
+            self.last_layer_stats = stats.after_update(s.parts)
         return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
 
     # ---- evaluation ----------------------------------------------------------------------------------------

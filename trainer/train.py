@@ -40,6 +40,7 @@ from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
 from forge_lm.trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 from forge_lm.trainer.profiling import StepProfiler, phase
+from forge_lm.trainer.timing import breakdown_record
 
 logger = logging.getLogger("forge_lm.trainer")
 
@@ -242,13 +243,17 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         # The step's numbers stay on the device (no host sync per step); they are read at log steps, where
         # speeds are averaged over the steps since the previous log.
         window_start, window_steps, window_tokens = time.perf_counter(), 0, None
+        stall_warner = DataStallWarner(cfg.trainer.data_stall_warn)
         while step < cfg.trainer.max_steps:
             profiler.before(step + 1)
-            with phase("data"):
+            with phase("data"), engine.clock.host("data"):
                 batches = [next(loader) for _ in range(accum)]
             out = engine.train_step(batches)
             step += 1
             profiler.after(step)
+            if engine.last_layer_stats is not None:
+                log(step, engine.last_layer_stats, "layer_stats")
+                engine.last_layer_stats = None
             window_steps += 1
             window_tokens = out["tokens"] if window_tokens is None else window_tokens + out["tokens"]
             bar.update(1)
@@ -264,6 +269,8 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             if log_now:
                 dt = (time.perf_counter() - window_start) / window_steps
                 tokens_per_s = _host(window_tokens) / (dt * window_steps)
+                times, steps_timed = engine.clock.read(), window_steps
+                data_share = times["data"] / (dt * steps_timed)
                 window_start, window_steps, window_tokens = time.perf_counter(), 0, None
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 record = {
@@ -276,6 +283,8 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                     "tokens_seen": loader.samples_seen * cfg.data.seq_len,
                     "peak_memory_gib": peak_memory_gib(device),
                 }
+                record.update(breakdown_record(times, steps_timed))
+                record["data_wait_fraction"] = data_share
                 record.update({k: v for k, v in out.items() if k.startswith("moe_")})
                 if peak is not None:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
@@ -289,18 +298,22 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                     tokens_per_s,
                     dt,
                     f" | MFU {record['mfu']:.1%}" if "mfu" in record else "",
+                    _breakdown_line(record, dt),
                 )
+                stall_warner.check(step, data_share)
 
             paused = time.perf_counter()  # evaluation and saving do not count in the training speed
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.max_steps:
-                validate(step)
+                with engine.clock.host("eval"):
+                    validate(step)
             # Collective: every rank asks after every step, so all stop after the same one.
             stopped = step < cfg.trainer.max_steps and stop_signal.should_stop()
             exit_early = stopped or (
                 cfg.trainer.exit_at_step > 0 and step == cfg.trainer.exit_at_step < cfg.trainer.max_steps
             )
             if periodic or exit_early or step == cfg.trainer.max_steps:
-                last_checkpoint = save(step)
+                with engine.clock.host("checkpoint"):
+                    last_checkpoint = save(step)
             window_start += time.perf_counter() - paused
             if exit_early:
                 if stopped:
@@ -345,13 +358,56 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     return result
 
 
+class DataStallWarner:
+    """Warns when the training loop waits for its data: at the first log step where the wait exceeds the
+    threshold, and after that at most once every 10 log steps while it lasts. The first log step of a process
+    is not judged: it includes the loader's start (opening shards, filling its prefetch queue)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold, self.quiet_for, self.started = threshold, 0, False
+
+    def check(self, step: int, share: float) -> None:
+        if not self.started:
+            self.started = True
+            return
+        self.quiet_for = max(0, self.quiet_for - 1)
+        if self.threshold and share > self.threshold and self.quiet_for == 0:
+            logger.warning(
+                "step %d: training waited for data %.0f%% of the time since the last log (more than "
+                "trainer.data_stall_warn=%g): the loader cannot keep up. Raise data.prefetch, use prepared "
+                "shards (data.mode=offline), or raise data.num_workers with data.mode=online.",
+                step,
+                100 * share,
+                self.threshold,
+            )
+            self.quiet_for = 10
+
+
+def _breakdown_line(record: dict[str, Any], step_time: float) -> str:
+    """`data 1% | fwd+bwd 88% | optimizer 9% | comm 0%` of the step time (checkpoint and evaluation are
+    outside it and appear only when they happened since the last log)."""
+    parts = [
+        f"{label} {100 * record[key] / step_time:.0f}%"
+        for label, key in (
+            ("data", "time_data_s"),
+            ("fwd+bwd", "time_fwd_bwd_s"),
+            ("optimizer", "time_optimizer_s"),
+            ("comm", "time_comm_s"),
+        )
+    ]
+    parts += [f"{label} {record[key]:.1f} s" for label, key in (("checkpoint", "time_checkpoint_s"),
+              ("eval", "time_eval_s")) if record[key] > 0]  # fmt: skip
+    return ", ".join(parts)
+
+
 def _draw_figure(run_dir: Path) -> Optional[Path]:
     """The run's overview figure (forge plot); a failure to draw is a warning, never a failed run."""
     try:
-        from forge_lm.tools.plot_runs import plot_runs
+        from forge_lm.tools.plot_runs import plot_layer_stats, plot_runs
 
         out = run_dir / "plots" / "overview.png"
         plot_runs([run_dir], out)
+        plot_layer_stats([run_dir], out.with_name("layer_stats.png"))
         return out
     except Exception as e:
         logger.warning("could not draw the run's figure (%s); `forge plot %s` draws it later", e, run_dir)

@@ -62,6 +62,17 @@ class Attention(nn.Module):
         what the cache returns under the cache's mask (trainer/inference/cache.py).
         """
         B, T, _ = x.shape
+        q, k, v = self.queries_keys(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = attend(q, k, v, mask, self.scale, self.softcap)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def queries_keys(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, T, head_dim] as attention sees them: projected, normalised, rotated."""
+        B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.qk_norm == "full":  # OLMo 2: one norm over all heads together
             q, k = self.q_norm(q), self.k_norm(k)
@@ -72,13 +83,10 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim)
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head normalised on its own
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = apply_rope(q, cos, sin, self.rope_interleaved)
         k = apply_rope(k, cos, sin, self.rope_interleaved)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        y = attend(q, k, v, mask, self.scale, self.softcap)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return q, k, v
 
 
 def attend(

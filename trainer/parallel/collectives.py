@@ -86,6 +86,16 @@ def broadcast_object(obj: Any, src: int = 0, group: ProcessGroup = None) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, group: ProcessGroup = None) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (small records such as statistics)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    with record_function("forge/all_gather_object"):  # a named range in profiler traces
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def barrier(group: ProcessGroup = None) -> None:
     if active():
         with record_function("forge/barrier"):  # a named range in profiler traces
