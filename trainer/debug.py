@@ -8,6 +8,7 @@ at the next log step (trainer/train.py), with no place named.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -122,7 +123,7 @@ class LayerStats:
     """Per-layer statistics of chosen training steps (`trainer.debug.layer_stats_steps` / `_every`):
 
     - `act_rms/<block>`, `act_max/<block>`: RMS and largest magnitude of each block's output (over all of the
-      step's micro-batches on the reporting rank);
+      step's micro-batches);
     - `attn_logit_max/<block>`: the largest pre-softmax attention score over causal pairs;
     - `grad_rms/<group>`: RMS of the gradient of each parameter group (a block, the embedding, the final
       norm, the output head) before clipping, over the whole model;
@@ -130,8 +131,8 @@ class LayerStats:
 
     The engine calls `watch` before the forward, `before_update` after the backward and `after_update`
     after the optimizer step, on every rank together; they wait for the device, which is why this runs
-    only at the chosen steps. Gradient and update statistics are global (sharded tensors are reduced);
-    the activations are those of the lowest rank holding the block (rank 0, or the pipeline stage's first).
+    only at the chosen steps. Every statistic is global, whatever the layout: sharded gradients and updates
+    are reduced, activation RMS pools the sums of squares of all ranks, maxima are taken over all of them.
     """
 
     def __init__(self, cfg) -> None:
@@ -213,15 +214,24 @@ class LayerStats:
         numel = self._numel(parts)
         stats = dict(self._stats)
         stats.update({f"update_rms/{g}": (s.sum() / numel[g]).sqrt() for g, s in sums.items()})
-        for name, (sq_and_n, peak) in self._acts.items():
-            stats[f"act_rms/{name}"] = (sq_and_n[0] / sq_and_n[1]).sqrt()
-            stats[f"act_max/{name}"] = peak
         stats.update({f"attn_logit_max/{name}": value for name, value in self._logits.items()})
         mine = {key: float(value) for key, value in stats.items()}
-        merged: dict[str, float] = {}
-        for record in collectives.all_gather_object(mine):  # pipeline stages each hold their own blocks
+        sums = {name: (float(sq_and_n[0]), float(sq_and_n[1])) for name, (sq_and_n, _) in self._acts.items()}
+        mine.update({f"act_max/{name}": float(peak) for name, (_, peak) in self._acts.items()})
+        # Pipeline stages each hold their own blocks, tensor-parallel ranks their own heads, data-parallel
+        # ranks their own micro-batches: maxima are the largest anywhere, activation RMS pools every rank's
+        # sum of squares (tensor-parallel ranks see the same values, which pooling leaves unchanged), and
+        # gradient and update RMS are already global, equal on every rank that has them.
+        seen: dict[str, list[float]] = {}
+        pooled: dict[str, list[float]] = {}
+        for record, rank_sums in collectives.all_gather_object((mine, sums)):
             for key, value in record.items():
-                merged.setdefault(key, value)
+                seen.setdefault(key, []).append(value)
+            for name, (sq, n) in rank_sums.items():
+                acc = pooled.setdefault(name, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + sq, acc[1] + n
+        merged = {k: max(v) if "_max/" in k else v[0] for k, v in seen.items()}
+        merged.update({f"act_rms/{name}": math.sqrt(sq / n) for name, (sq, n) in pooled.items()})
         return dict(sorted(merged.items(), key=lambda kv: _natural(kv[0])))
 
     @staticmethod
