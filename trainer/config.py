@@ -415,11 +415,6 @@ class Config:
             )
         if p.tp > 1 and m.ffn_dim % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} must divide model.ffn_dim={m.ffn_dim}.")
-        if p.tp > 1 and m.qk_norm != "none":
-            raise ConfigError(
-                f"model.qk_norm={m.qk_norm!r} is not supported with tensor parallelism yet (its weights are shared "
-                "across heads that tp splits): use parallel.tp=1 and shard with FSDP (parallel.dp_shard)."
-            )
         if (p.tp > 1 or p.pp > 1) and m.moe.num_experts > 0:
             raise ConfigError(
                 "mixture-of-experts models train with data parallelism (FSDP) only for now: set parallel.tp=1 and "

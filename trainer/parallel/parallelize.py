@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -21,6 +21,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from forge_lm.trainer.config import ParallelConfig
 from forge_lm.trainer.kernels import dispatch as kernels_dispatch
@@ -130,6 +131,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelCo
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=residual),
         }
+        plan.update(_qk_norm_plan(block.attention))
         if sp:
             for name in ("attention_norm", "ffn_norm"):  # absent (Identity) in post-norm-only families
                 if isinstance(getattr(block, name), RMSNorm):
@@ -140,6 +142,46 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelCo
                 if isinstance(getattr(block, name), RMSNorm):
                     plan[name] = SequenceParallel(use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
+
+
+def _qk_norm_plan(attention: nn.Module) -> dict[str, ParallelStyle]:
+    """Query/key norms under tensor parallelism, where each rank holds only its own heads' q and k.
+
+    Per-head norms (Qwen3, Gemma 3) normalise over head_dim, so each rank normalises its heads alone: the
+    heads dimension (2 of [B, T, heads, head_dim]) is the sharded one, the gain is replicated and its
+    gradient summed over the ranks. A norm over the whole projection (OLMo 2) needs the mean of squares
+    over every head: its input is the projection's column shard, its gain is split the same way, and the
+    mean over the split dimension is reduced across the group (by DTensor).
+    """
+    mode = getattr(attention, "qk_norm", "none")
+    if mode == "head":
+        style = SequenceParallel(sequence_dim=2, use_local_output=True)
+        return {"attention.q_norm": style, "attention.k_norm": style}
+    if mode == "full":
+        return {"attention.q_norm": ShardedLastDimNorm(), "attention.k_norm": ShardedLastDimNorm()}
+    return {}
+
+
+class ShardedLastDimNorm(ParallelStyle):
+    """A norm over the last dimension of an input that arrives split along it (a column-parallel output)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard_gain(_name, mod, mesh):
+            for key, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+
+        def input_as_shards(_mod, inputs, mesh):
+            return tuple(
+                DTensor.from_local(t, mesh, [Shard(t.dim() - 1)], run_check=False)
+                if isinstance(t, torch.Tensor)
+                else t
+                for t in inputs
+            )
+
+        def local_output(_mod, output, _mesh):
+            return output.to_local()
+
+        return distribute_module(module, device_mesh, shard_gain, input_as_shards, local_output)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
