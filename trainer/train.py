@@ -290,7 +290,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
                 log(step, record, "train")
                 logger.info(
-                    "step %d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %.3f s/step%s",
+                    "step %d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %.3f s/step%s | %s",
                     step,
                     loss,
                     out["lr"],
