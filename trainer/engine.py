@@ -25,6 +25,7 @@ from forge_lm.trainer.debug import LayerStats, NonFiniteHunter
 from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.loss import IGNORE_INDEX
 from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.moe import update_expert_biases
 from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.profiling import phase
@@ -123,9 +124,27 @@ class Engine:
             stats.before_update(s.parts)
         with phase("optimizer"), self.clock.device("optimizer"):
             grad_norm = s.optimizer_step()
+            load = self._balance_experts()
+        if load is not None:
+            out["moe_load_max_over_mean"] = load
         if stats is not None:
             self.last_layer_stats = stats.after_update(s.parts)
         return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
+
+    def _balance_experts(self) -> Optional[torch.Tensor]:
+        """MoE: the step's expert load over the global batch; with model.moe.balance=bias, the routing
+        biases move towards balance (trainer/model/moe.py). None for dense models."""
+        moe = self.cfg.model.moe
+        if not moe.num_experts:
+            return None
+        loads = [
+            update_expert_biases(
+                part, moe.bias_update_rate, lambda t: collectives.all_reduce(t, group=self.strategy.dp_group)
+            )
+            for part in self.strategy.parts
+        ]
+        loads = [x for x in loads if x is not None]
+        return torch.stack(loads).max() if loads else None
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 

@@ -127,3 +127,45 @@ def test_active_parameters_and_flops_count_top_k_experts() -> None:
         model.flops_per_token(64)
         == 6 * dense + 12 * cfg.n_heads * cfg.head_dim * min(64, cfg.sliding_window or 64) * cfg.n_layers
     )
+
+
+def test_routing_biases_choose_the_experts_and_move_towards_balance() -> None:
+    """balance='bias': experts are chosen by probability + bias and mixed by probability; after a step each
+    bias moves by the rate towards the mean load of its layer, and the worst max/mean load is reported."""
+    from forge_lm.trainer.model.moe import MoE, update_expert_biases
+
+    cfg = preset("qwen3_moe_tiny", vocab_size=VOCAB, moe=dict(num_experts=4, top_k=2, balance="bias"))
+    model = Decoder.build(cfg, seed=0)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    with torch.no_grad():
+        layers[0].expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))  # expert 3 is always chosen
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids)
+    first = layers[0].stats
+    assert first.expert_counts[3] == 32  # every token chose it
+    counts = [m.step_counts.clone() for m in layers]
+    load = update_expert_biases(model, rate=0.1)
+    for layer, c in zip(layers, counts):
+        assert layer.step_counts is None
+        assert c.sum() == 2 * 32  # top-2 slots of 32 tokens
+    assert torch.allclose(
+        layers[0].expert_bias,
+        torch.tensor([0.0, 0.0, 0.0, 10.0]) + 0.1 * torch.sign(counts[0].mean() - counts[0]),
+    )
+    assert load == pytest.approx(max(float(c.max() / c.mean()) for c in counts))
+
+
+def test_routing_bias_mixes_by_probability() -> None:
+    from forge_lm.trainer.model.moe import MoE
+
+    cfg = preset("qwen3_moe_tiny", vocab_size=VOCAB, moe=dict(num_experts=4, top_k=2, balance="bias"))
+    layer = next(m for m in Decoder.build(cfg, seed=0).modules() if isinstance(m, MoE))
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0]))  # experts 0 and 1 for every token
+    x = torch.randn(6, cfg.d_model, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(layer.router(x), dim=-1)
+    weights = probs[:, :2] / probs[:, :2].sum(-1, keepdim=True)  # renormalised, as Qwen3-MoE does
+    chosen = torch.tensor([[0, 1]]).expand(6, 2)
+    want = layer.experts(x, chosen, weights)
+    assert torch.allclose(layer(x), want, atol=1e-6)

@@ -9,6 +9,7 @@ plus model.safetensors.index.json), and the tokenizer's own files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from forge_lm.trainer.hub.convert import model_config_to_hf, to_hf_state_dict
 from forge_lm.trainer.model.decoder import Decoder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+logger = logging.getLogger(__name__)
 
 
 class ExportableTokenizer(Protocol):
@@ -58,7 +61,7 @@ def to_hf(
         _write_json(tmp / "config.json", model_config_to_hf(cfg, bos_id, eos_id, dtype_name))
         generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": cfg.max_seq_len}
         _write_json(tmp / "generation_config.json", generation)
-        hf_sd = to_hf_state_dict(model.state_dict(), tie_embeddings=cfg.tie_embeddings, family=cfg.family)
+        hf_sd = to_hf_state_dict(_hf_visible(model), tie_embeddings=cfg.tie_embeddings, family=cfg.family)
         tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in hf_sd.items()}
         _save_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
@@ -110,3 +113,18 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.replace(target, old / target.name)
     os.replace(new, target)
     shutil.rmtree(old)
+
+
+def _hf_visible(model: Decoder) -> dict[str, torch.Tensor]:
+    """The state dict without what the Hugging Face classes have no place for: MoE routing biases
+    (model.moe.balance=bias), which the exported model then routes without, said in a warning."""
+    sd = model.state_dict()
+    biases = [k for k in sd if k.endswith(".expert_bias")]
+    if any(bool(sd[k].any()) for k in biases):
+        logger.warning(
+            "the MoE routing biases (model.moe.balance=bias) have no place in the %s Hugging Face format: "
+            "the exported model chooses its experts by router probability alone, so its outputs differ "
+            "from this model's where a bias changed the choice",
+            model.cfg.family,
+        )
+    return {k: v for k, v in sd.items() if k not in biases}

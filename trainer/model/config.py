@@ -73,8 +73,20 @@ class MoEConfig:
     """Weight of the load-balancing loss in `Decoder.aux_loss()` (HF router_aux_loss_coef; Mixtral 0.02)."""
     router_z_coef: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of router logits, ST-MoE) in `aux_loss()`."""
+    balance: str = "aux_loss"
+    """How expert load is balanced. 'aux_loss': the load-balancing loss, weighted by load_balance_coef.
+    'bias' (DeepSeek-V3's auxiliary-loss-free balancing): a per-expert bias added to the router probabilities
+    for choosing experts only (the mixing weights stay the probabilities), nudged after every optimizer step
+    by bias_update_rate towards the experts that got fewer than the mean number of tokens in the global
+    batch; the load-balancing loss is then left out of the training loss (it is still logged)."""
+    bias_update_rate: float = 1e-3
+    """With balance='bias': how far each step moves an expert's bias (DeepSeek-V3's gamma)."""
 
     def __post_init__(self) -> None:
+        if self.balance not in ("aux_loss", "bias"):
+            raise ConfigError(f"model.moe.balance={self.balance!r}: use 'aux_loss' or 'bias'.")
+        if self.bias_update_rate < 0:
+            raise ConfigError(f"model.moe.bias_update_rate={self.bias_update_rate} must be >= 0.")
         if self.num_experts < 0:
             raise ConfigError(f"model.moe.num_experts={self.num_experts} must be >= 0 (0: dense MLP).")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:

@@ -227,10 +227,8 @@ class Decoder(nn.Module):
         total = torch.zeros((), device=self.tok_embeddings.weight.device)
         if losses:
             moe = self.cfg.moe
-            total = (
-                moe.load_balance_coef * losses["moe_load_balance"]
-                + moe.router_z_coef * losses["moe_router_z"]
-            )
+            balance = 0.0 if moe.balance == "bias" else moe.load_balance_coef  # the bias balances instead
+            total = balance * losses["moe_load_balance"] + moe.router_z_coef * losses["moe_router_z"]
         return total
 
     # ---- construction and initialisation --------------------------------------------------------------------
@@ -319,6 +317,8 @@ class Decoder(nn.Module):
                 normal(module.w1, std)
                 normal(module.w3, std)
                 normal(module.w2, residual_std)
+            elif isinstance(module, MoE):
+                module.reset_parameters()  # the routing bias (balance='bias') starts at zero
 
     # ---- accounting -----------------------------------------------------------------------------------------
 

@@ -93,7 +93,11 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 class MoE(nn.Module):
-    """Top-k softmax routing (Mixtral, Qwen3-MoE) over GroupedExperts."""
+    """Top-k softmax routing (Mixtral, Qwen3-MoE) over GroupedExperts.
+
+    With `model.moe.balance=bias` the experts are chosen by probability + `expert_bias` (a buffer, saved in
+    checkpoints, updated by `update_expert_biases` after each optimizer step) and mixed by probability.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -102,22 +106,38 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
         self.experts = GroupedExperts(cfg.moe.num_experts, cfg.d_model, cfg.ffn_dim, cfg.activation)
         self.stats: Optional[RouterStats] = None
+        self.step_counts: Optional[torch.Tensor] = None
+        """[E] top-k slots per expert over the training forwards since the last optimizer step."""
+        if cfg.moe.balance == "bias":
+            self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router(x)  # [N, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        bias = getattr(self, "expert_bias", None)
+        if bias is None:
+            weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        else:  # the bias decides which experts, not how much of each
+            experts = (probs + bias.float()).topk(self.top_k, dim=-1).indices
+            weights = probs.gather(-1, experts)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).float()
         self.stats = RouterStats(
-            expert_counts=torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).float(),
+            expert_counts=counts,
             prob_sums=probs.sum(dim=0),
             z_sum=torch.logsumexp(logits.float(), dim=-1).pow(2).sum(),
             tokens=x.shape[0],
         )
+        if self.training:
+            self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         return self.experts(x, experts, weights.to(x.dtype)).view(shape)
+
+    def reset_parameters(self) -> None:
+        if hasattr(self, "expert_bias"):
+            self.expert_bias.zero_()
 
 
 def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,6 +159,26 @@ def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
         "moe_load_balance": counts.numel() * ((counts / tokens) * (probs / tokens)).sum(),
         "moe_router_z": z / tokens,
     }
+
+
+@torch.no_grad()
+def update_expert_biases(model: nn.Module, rate: float, reduce=None) -> Optional[torch.Tensor]:
+    """After an optimizer step: every MoE layer's load over the step (its training forwards, summed over the
+    data-parallel ranks by `reduce`, a function that all-reduces a tensor in place); with balance='bias',
+    each expert's bias moves by `rate` towards the mean load (up if it got fewer tokens, down if more).
+    Returns the worst layer's max/mean expert load (1.0 is perfect balance) as a device tensor, or None for
+    a dense model. Nothing waits for the device."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.step_counts is not None]
+    if not layers:
+        return None
+    counts = torch.stack([m.step_counts for m in layers])  # [layers, E], one all-reduce for all of them
+    if reduce is not None:
+        counts = reduce(counts)
+    for layer, load in zip(layers, counts):
+        layer.step_counts = None
+        if hasattr(layer, "expert_bias"):
+            layer.expert_bias += rate * torch.sign(load.mean() - load)
+    return (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).max()
 
 
 def benchmark_dispatch(repeats: int = 5) -> None:
