@@ -13,6 +13,7 @@ from typing import Optional
 
 from forge_lm.data.config import DataConfig
 from forge_lm.trainer.model.config import ConfigError, ModelConfig
+from forge_lm.trainer.posttrain.config import PosttrainConfig
 
 __all__ = [
     "Config",
@@ -368,6 +369,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
+    """Post-training objectives (sft, dpo) on conversations, from a pre-trained model (docs/posttrain.md)."""
 
     def __post_init__(self) -> None:
         seq, mbs, dp = self.data.seq_len, self.trainer.micro_batch_size, self.parallel.dp_size

@@ -57,6 +57,8 @@ class Engine:
         self.layer_stats = LayerStats(cfg.trainer.debug) if cfg.trainer.debug.layer_stats_wanted else None
         self.clock = StepClock(device)
         """Where the steps' time goes; the training loop reads it at log steps (trainer/timing.py)."""
+        self.objective: Optional[Any] = None
+        """A loss other than the token loss (posttrain.objective=dpo: trainer/posttrain/dpo.py), or None."""
 
     # What the loop and the tools read.
     @property
@@ -86,6 +88,8 @@ class Engine:
             self.hunter.step = self.steps_done
         stats = self.layer_stats if self.layer_stats and self.layer_stats.due(self.steps_done) else None
         micro_batches = [to_device(b, self.device) for b in micro_batches]
+        if self.objective is not None:
+            return self._objective_step(micro_batches)
         n_local = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()
         with self.clock.device("comm"):
             n_global = collectives.all_reduce(n_local.float(), group=s.dp_group)
@@ -130,6 +134,55 @@ class Engine:
         if stats is not None:
             self.last_layer_stats = stats.after_update(s.parts)
         return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
+
+    def _objective_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """A step of `self.objective` (DPO): its summed loss over the global count of its units (pairs), its
+        metrics averaged the same way. One model part, no pipeline schedule (the objective refuses those)."""
+        s, objective = self.strategy, self.objective
+        units = torch.stack([objective.units(b) for b in micro_batches]).sum().float()
+        tokens = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum().float()
+        with self.clock.device("comm"):
+            n_global, tokens = collectives.all_reduce(torch.stack([units, tokens]), group=s.dp_group).unbind()
+        scale = s.dp_size / n_global
+        lr = s.optimizers[0].param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        with self.clock.device("fwd_bwd"):
+            for batch in micro_batches:
+                with phase("forward"):
+                    loss, metrics = objective.loss_sum(s.parts[0], batch, self.device)
+                with phase("backward"):
+                    s.backward(loss * scale)
+                loss_sum += loss.detach().float()
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value.float()
+        with self.clock.device("comm"):
+            loss_sum = collectives.all_reduce(loss_sum, group=s.dp_group)
+            out = {name: collectives.all_reduce(v, group=s.dp_group) / n_global for name, v in sums.items()}
+        with phase("optimizer"), self.clock.device("optimizer"):
+            grad_norm = s.optimizer_step()
+            load = self._balance_experts()
+        if load is not None:
+            out["moe_load_max_over_mean"] = load
+        return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate_objective(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """`self.objective`'s loss and metrics over held-out batches (every rank the same batches)."""
+        assert self.objective is not None
+        self.strategy.train(False)
+        total: dict[str, float] = {}
+        units = 0.0
+        try:
+            for batch in batches:
+                batch = to_device(batch, self.device)
+                loss, metrics = self.objective.loss_sum(self.strategy.parts[0], batch, self.device)
+                for name, value in {"loss": loss, **metrics}.items():
+                    total[name] = total.get(name, 0.0) + float(value)
+                units += float(self.objective.units(batch))
+        finally:
+            self.strategy.train(True)
+        return {name: value / max(units, 1.0) for name, value in total.items()}
 
     def _balance_experts(self) -> Optional[torch.Tensor]:
         """MoE: the step's expert load over the global batch; with model.moe.balance=bias, the routing

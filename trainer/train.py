@@ -119,18 +119,30 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
 
-    # -- data: tokenizer and packed shards (prepared once, reused afterwards) --
-    tokenizer = prepare_data(cfg, dims)
-    # One prepared dataset, a weighted mixture, or online tokenization: the data package decides.
-    loader = build_train_loader(
-        cfg.data, tokenizer, cfg.trainer.micro_batch_size, dp_rank=dims.dp_rank, dp_world_size=dims.dp_size
-    )
-    val_batches = build_val_batches(cfg.data, tokenizer, cfg.eval.batch_size, cfg.eval.max_batches)
+    posttrain = None
+    if cfg.posttrain.active:
+        # -- post-training (SFT, DPO): weights, chat tokenizer and conversations from posttrain.* --
+        from forge_lm.trainer.posttrain.run import setup_posttrain
 
-    # -- model: built whole on every rank from the same seed, then split by the parallel layout --
-    cfg.model.with_vocab(tokenizer.vocab_size)
-    model = Decoder.build(cfg.model, device=device, seed=cfg.trainer.seed)
+        posttrain = setup_posttrain(cfg, dims.is_main, device, dims.dp_rank, dims.dp_size)
+        tokenizer, loader, val_batches, model = (
+            posttrain.tokenizer, posttrain.loader, posttrain.val_batches, posttrain.model
+        )
+    else:
+        # -- data: tokenizer and packed shards (prepared once, reused afterwards) --
+        tokenizer = prepare_data(cfg, dims)
+        # One prepared dataset, a weighted mixture, or online tokenization: the data package decides.
+        loader = build_train_loader(
+            cfg.data, tokenizer, cfg.trainer.micro_batch_size, dp_rank=dims.dp_rank, dp_world_size=dims.dp_size
+        )
+        val_batches = build_val_batches(cfg.data, tokenizer, cfg.eval.batch_size, cfg.eval.max_batches)
+
+        # -- model: built whole on every rank from the same seed, then split by the parallel layout --
+        cfg.model.with_vocab(tokenizer.vocab_size)
+        model = Decoder.build(cfg.model, device=device, seed=cfg.trainer.seed)
     engine = Engine(cfg, dims, device, model)  # FSDP2/TP/PP, or DeepSpeed ZeRO (trainer.backend)
+    if posttrain is not None:
+        engine.objective = posttrain.objective
     del model  # the engine owns it now
     checkpointer = ckpt.Checkpointer(
         run_dir / "checkpoints", keep_last=cfg.trainer.keep_last, async_save=cfg.trainer.async_checkpoint
@@ -213,6 +225,10 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     def validate(at_step: int) -> EvalResult:
         evaluation = evaluator.run(at_step, engine.evaluate, eval_model)
         report(evaluation)
+        if engine.objective is not None:  # DPO: loss and reward metrics on the held-out pairs
+            held_out = engine.evaluate_objective(val_batches)
+            log(at_step, held_out, "objective_val")
+            logger.info("held-out pairs at step %d: %s", at_step, ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
         return evaluation
 
     if resume_from is not None or restart_count() > 0:
@@ -285,7 +301,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                 }
                 record.update(breakdown_record(times, steps_timed))
                 record["data_wait_fraction"] = data_share
-                record.update({k: v for k, v in out.items() if k.startswith("moe_")})
+                record.update({k: v for k, v in out.items() if k.startswith(("moe_", "rewards/", "logps/"))})
                 if peak is not None:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
                 log(step, record, "train")

@@ -60,12 +60,19 @@ def to_hf(
     try:
         _write_json(tmp / "config.json", model_config_to_hf(cfg, bos_id, eos_id, dtype_name))
         generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": cfg.max_seq_len}
+        # A chat tokenizer (trainer/posttrain/chat.py): generation also stops at the end of an assistant turn.
+        end_of_turn = getattr(tokenizer, "end_of_turn_id", None)
+        if end_of_turn is not None and end_of_turn != eos_id:
+            generation["eos_token_id"] = [end_of_turn, eos_id]
         _write_json(tmp / "generation_config.json", generation)
         hf_sd = to_hf_state_dict(_hf_visible(model), tie_embeddings=cfg.tie_embeddings, family=cfg.family)
         tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in hf_sd.items()}
         _save_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(str(tmp))
+            chat_template = getattr(tokenizer, "chat_template", None)
+            if chat_template:  # what transformers' apply_chat_template reads
+                _add_to_json(tmp / "tokenizer_config.json", {"chat_template": chat_template})
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +82,11 @@ def to_hf(
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _add_to_json(path: Path, fields: dict[str, Any]) -> None:
+    obj = json.loads(path.read_text()) if path.is_file() else {}
+    _write_json(path, {**obj, **fields})
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:

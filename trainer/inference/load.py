@@ -63,6 +63,16 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def tokenizer_location(path: str | os.PathLike[str]) -> Optional[str]:
+    """Where `load_model(path)` finds its tokenizer: the Hugging Face folder itself, or the tokenizer the
+    run was trained with (None if there is none). Its tokenizer_config.json may hold a chat template."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return str(path) if has_tokenizer(str(path)) else None
+    saved = read_train_state(_checkpoint_dir(path))["extra"].get("tokenizer_path")
+    return saved if saved and Path(saved).exists() else None
+
+
 def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, where: object = "the tokenizer") -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(

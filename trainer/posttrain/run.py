@@ -1,0 +1,103 @@
+"""What a post-training run sets up before the engine takes over (called from trainer/train.py).
+
+init_from (a run directory, a checkpoint or a Hugging Face folder) gives the weights and the tokenizer; the
+chat tokenizer adds the template (and its special tokens, growing the model's vocabulary); the records become
+packed examples or pairs; DPO computes the reference log-probabilities of every pair once, with the starting
+weights, before the first step. The run itself is the ordinary training loop in its own run_dir: a fresh
+optimizer and schedule, checkpoints, resume, evaluation and export as in pre-training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from forge_lm.data.report import DataError
+from forge_lm.trainer.config import Config, ConfigError
+from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.posttrain.chat import ChatTokenizer, chat_tokenizer, grow_vocab
+from forge_lm.trainer.posttrain.data import PackedBatches, PackedLoader, build_posttrain_data
+from forge_lm.trainer.posttrain.dpo import DPOObjective, reference_logps
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PosttrainSetup:
+    model: Decoder
+    tokenizer: ChatTokenizer
+    loader: PackedLoader
+    val_batches: PackedBatches
+    objective: Optional[DPOObjective]
+    """None for SFT (the engine's token loss); the DPO loss otherwise."""
+
+
+def check_layout(cfg: Config) -> None:
+    """Refuse, before any work, what post-training does not run."""
+    p, post = cfg.parallel, cfg.posttrain
+    if not post.init_from:
+        raise ConfigError(
+            f"posttrain.objective={post.objective} needs posttrain.init_from: a run directory, a checkpoint "
+            "or a Hugging Face folder to start from (e.g. posttrain.init_from=runs/quickstart)."
+        )
+    if not cfg.data.document_masking:
+        raise ConfigError(
+            "post-training packs several conversations into a row: set data.document_masking=true so that they "
+            "never attend to each other."
+        )
+    if post.objective == "dpo" and (p.tp > 1 or p.pp > 1 or cfg.trainer.backend != "torch"):
+        raise ConfigError(
+            "posttrain.objective=dpo runs on one process or with FSDP2 data parallelism only: set parallel.tp=1, "
+            "parallel.pp=1 and trainer.backend=torch."
+        )
+
+
+def setup_posttrain(
+    cfg: Config, is_main: bool, device: torch.device, dp_rank: int, dp_size: int
+) -> PosttrainSetup:
+    from forge_lm.trainer.inference.load import load_model, tokenizer_location
+
+    check_layout(cfg)
+    post = cfg.posttrain
+    source = Path(post.init_from)  # type: ignore[arg-type]
+    if not source.exists():
+        raise ConfigError(f"posttrain.init_from={post.init_from!r} does not exist: give a run directory, a "
+                          "checkpoint or a Hugging Face folder.")  # fmt: skip
+    tokenizer_path = tokenizer_location(source)
+    if tokenizer_path is None:
+        raise DataError(f"{source}: found no tokenizer beside the model; export it with its tokenizer.")
+    model, _ = load_model(source, device=device)
+    chat = chat_tokenizer(tokenizer_path, post.chat_template)
+    added = grow_vocab(model, chat.vocab_size)
+    if added:
+        logger.info(
+            "grew the vocabulary by %d rows for the chat tokens (new rows = mean of the old ones)", added
+        )
+    # The run's own tokenizer (with the template) is what its checkpoints name and its export carries.
+    own = Path(cfg.run_dir) / "tokenizer"
+    if is_main:
+        chat.save(str(own))
+    cfg.data.tokenizer.path = str(own)
+    cfg.model = model.cfg
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len="
+                          f"{cfg.model.max_seq_len}: lower data.seq_len.")  # fmt: skip
+
+    data = build_posttrain_data(cfg.data, post, chat)
+    objective = None
+    if post.objective == "dpo":
+        reference_logps(model, data.train + data.val, data.collate, device)
+        objective = DPOObjective(post.beta, post.dpo_loss)
+    model.train()
+    loader = data.loader(cfg.trainer.micro_batch_size, cfg.data.seed, dp_rank, dp_size)
+    val = data.val_batches(cfg.eval.batch_size, cfg.eval.max_batches)
+    logger.info("post-training (%s) from %s: %s", post.objective, source, loader.describe())
+    return PosttrainSetup(model, chat, loader, val, objective)
+
+
+def objective_record(sums: dict[str, Any], pairs: float) -> dict[str, float]:
+    return {k: float(v) / pairs for k, v in sums.items()}
