@@ -266,6 +266,7 @@ class ShardDataset:
         self.seq_len: int = int(manifest["seq_len"])
         self.row_len = self.seq_len + 1
         self.dtype = np.dtype(manifest["dtype"])
+        self.vocab_size = int(manifest["vocab_size"])
         self._names = [str(s["name"]) for s in manifest["shards"]]
         self._sizes = [int(s["num_sequences"]) for s in manifest["shards"]]
         self._starts = np.cumsum([0, *self._sizes])  # global index of each shard's first row
@@ -322,10 +323,23 @@ class ShardDataset:
             row = i - int(self._starts[k])
             tokens[j] = shard_tokens[row]
             bounds.append(shard_bounds[offsets[row] : offsets[row + 1]])
+        if tokens.size and int(tokens.max()) >= self.vocab_size:  # one pass over the batch: cheap
+            self._refuse_out_of_range(tokens, shard_of, indices)
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in bounds], out=offsets[1:])
         flat = np.concatenate(bounds).astype(np.int32) if bounds else np.zeros(0, dtype=np.int32)
         return PackedRows(tokens, flat, offsets)
+
+    def _refuse_out_of_range(self, tokens: np.ndarray, shard_of: np.ndarray, indices: np.ndarray) -> None:
+        j = int(np.argmax(tokens.max(axis=1) >= self.vocab_size))
+        k = int(shard_of[j])
+        name = shard_paths(self.path, self._names[k])["tokens"]
+        raise DataError(
+            f"{name} row {int(indices[j] - self._starts[k])} holds token id {int(tokens[j].max())}, outside the "
+            f"vocabulary of {self.vocab_size} its manifest records: the shard is corrupt or was written for "
+            f"another tokenizer. Check it with `forge prepare --verify` (data.verify=true), or delete "
+            f"{self.path} and prepare again."
+        )
 
     def __getitem__(self, i: int) -> PackedSequence:
         n = len(self)

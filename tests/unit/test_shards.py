@@ -116,10 +116,24 @@ def test_verify_catches_a_flipped_byte(tmp_path: Path, rows, kind: str) -> None:
         ShardDataset(str(tmp_path)).verify()
 
 
-def test_missing_manifest_says_to_run_prepare(tmp_path: Path) -> None:
+def test_an_out_of_range_token_id_in_a_shard_is_named_when_read(tmp_path: Path, rows) -> None:
+    """Without data.verify, a shard whose bytes were changed after writing still cannot feed the model an id
+    beyond the vocabulary: reading the batch names the shard file and row."""
+    _write(tmp_path, rows, vocab_size=1024)
+    path = tmp_path / "shard_00002.tokens.bin"
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[3 * (SEQ_LEN + 1) + 5] = 5000  # row 3 of shard 2: global row 23
+    tokens.tofile(path)
+    ds = ShardDataset(str(tmp_path))
+    ds.take([0, 1, 22])  # untouched rows read fine
     with pytest.raises(
-        DataError, match=f"no manifest.json in {tmp_path}: run `forge prepare` first"
+        DataError, match=r"shard_00002.tokens.bin row 3 holds token id 5000, outside the vocabulary of 1024"
     ):
+        ds.take([0, 23, 5])
+
+
+def test_missing_manifest_says_to_run_prepare(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"no manifest.json in {tmp_path}: run `forge prepare` first"):
         ShardDataset(str(tmp_path))
 
 
