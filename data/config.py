@@ -118,6 +118,9 @@ class DataConfig:
     on_bad_input: str = "skip"
     """'skip': malformed records are skipped and counted per reason (summary with file:line examples).
     'error': stop at the first one, naming file:line."""
+    overwrite_prepared: bool = False
+    """Replace prepared data found in prepared_dir that was written with another tokenizer (otherwise refused:
+    it may be the only copy of a long preparation)."""
     verify: bool = False
     """Check every shard's sha256 against manifest.json before using prepared data (`prepare --verify`)."""
     reset_position_ids: bool = False

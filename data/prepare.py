@@ -366,6 +366,7 @@ def _prepare_group(
             _refuse_skipped_input(manifests["train"], group)  # type: ignore[arg-type]
         return manifests  # type: ignore[return-value]
 
+    _refuse_another_tokenizers_data(cfg, tokenizer, group)
     work_dir = os.path.join(group.directory, f".work-{fingerprint[:16]}")
     _remove_stale_work(group, keep=work_dir)
     finished = _finalize(group, work_dir, fingerprint)  # a previous run was killed while moving splits
@@ -388,6 +389,21 @@ def _prepare_group(
         raise
     _finalize(group, work_dir, fingerprint)
     return manifests
+
+
+def _refuse_another_tokenizers_data(cfg: DataConfig, tokenizer: Tokenizer, group: DatasetGroup) -> None:
+    """Prepared data of another tokenizer is not replaced unless asked: the directory may be someone's only
+    copy of a long preparation, named explicitly (data.prepared_dir) or shared by two configs by accident.
+    A changed source or packing setting with the same tokenizer re-prepares as always."""
+    for split in SPLITS:
+        manifest = _read_manifest(group.split_dir(split))
+        theirs = (manifest or {}).get("tokenizer_fingerprint")
+        if theirs and theirs != tokenizer.fingerprint and not cfg.overwrite_prepared:
+            raise DataError(
+                f"{group.split_dir(split)} holds data prepared with another tokenizer (fingerprint {theirs[:12]}, "
+                f"this run's is {tokenizer.fingerprint[:12]}): point data.prepared_dir at another directory, "
+                "or set data.overwrite_prepared=true to replace it."
+            )
 
 
 def _run_chunks(

@@ -393,3 +393,36 @@ def test_cli_verify_flag(tmp_path: Path, small_tokenizer_dir: str) -> None:
     shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x01")
     second = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and f"{shard.name}) is corrupt" in second.stderr
+
+
+def test_data_of_another_tokenizer_is_refused_not_overwritten(
+    tmp_path: Path, shakespeare_source: SourceConfig
+) -> None:
+    """A prepared_dir written with one tokenizer is not silently re-prepared with another: refused with both
+    fingerprints named, and replaced only with data.overwrite_prepared=true."""
+    small = _config(tmp_path, [shakespeare_source], seq_len=64)
+    first = prepare(small, ensure_tokenizer(small, show_progress=False), show_progress=False)
+    other = _config(
+        tmp_path,
+        [shakespeare_source],
+        seq_len=64,
+        tokenizer=TokenizerConfig(
+            path=str(tmp_path / "tokenizer512"), vocab_size=512, train_max_chars=300_000
+        ),
+    )
+    other_tokenizer = ensure_tokenizer(other, show_progress=False)
+    before = _files(tmp_path / "prepared")
+    with pytest.raises(
+        DataError, match=r"holds data prepared with another tokenizer .*data.overwrite_prepared=true"
+    ):
+        prepare(other, other_tokenizer, show_progress=False)
+    assert _files(tmp_path / "prepared") == before  # nothing touched
+    # Asked to, another tokenizer replaces it.
+    replaced = prepare(
+        dataclasses.replace(other, overwrite_prepared=True), other_tokenizer, show_progress=False
+    )
+    assert (
+        replaced["train"]["tokenizer_fingerprint"]
+        == other_tokenizer.fingerprint
+        != first["train"]["tokenizer_fingerprint"]
+    )
