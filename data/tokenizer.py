@@ -21,9 +21,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 import tokenizers
@@ -42,6 +43,13 @@ CHAT_ONLY_TOKENS = frozenset(
     {"<|im_end|>", "<|im_start|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<start_of_turn>", "<|end|>"}
 )
 TRAINED_EOS = "<|endoftext|>"
+
+LONG_TEXT_CHARS = 1 << 20
+"""Texts longer than this are encoded a piece at a time (Tokenizer._encode_long)."""
+PIECE_CHARS = 1 << 18
+PIECES_PER_BATCH = 4
+_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")
+"""A space after a non-space and before a letter: where pre-tokenizers start a new word."""
 
 
 class Tokenizer:
@@ -170,11 +178,62 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS or other special tokens are added."""
+        if len(text) > LONG_TEXT_CHARS:
+            return self._encode_long(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of many texts at once, in parallel threads (much faster than a Python loop)."""
-        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+        short = [i for i, t in enumerate(texts) if len(t) <= LONG_TEXT_CHARS]
+        if len(short) == len(texts):
+            return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, e in zip(short, self._tok.encode_batch_fast([texts[i] for i in short], add_special_tokens=False)):
+            out[i] = e.ids
+        for i, text in enumerate(texts):
+            if len(text) > LONG_TEXT_CHARS:
+                out[i] = self._encode_long(text)
+        return out
+
+    def _encode_long(self, text: str) -> list[int]:
+        """A very long text a piece at a time, so memory stays a small multiple of the text (the tokenizers
+        library holds ~400 bytes per token of a text it encodes whole: 6.5 GB for a 50 MB document).
+
+        Pieces end where no token can span: before a space that follows a non-space and precedes a letter
+        (every pre-tokenizer we ship splits there), and each cut is proven harmless first by encoding a
+        window around it whole and cut; a place that fails is skipped for the next one.
+        """
+        ids: list[int] = []
+        group: list[str] = []
+        for piece in self._pieces(text):
+            group.append(piece)
+            if len(group) == PIECES_PER_BATCH:
+                ids.extend(i for e in self._tok.encode_batch_fast(group, add_special_tokens=False) for i in e.ids)
+                group = []
+        if group:
+            ids.extend(i for e in self._tok.encode_batch_fast(group, add_special_tokens=False) for i in e.ids)
+        return ids
+
+    def _pieces(self, text: str) -> Iterator[str]:
+        start = 0
+        while len(text) - start > PIECE_CHARS:
+            cut = self._safe_cut(text, start + PIECE_CHARS)
+            if cut is None:
+                break
+            yield text[start:cut]
+            start = cut
+        yield text[start:]
+
+    def _safe_cut(self, text: str, at: int) -> Optional[int]:
+        for m in _CUT.finditer(text, at, min(len(text), at + PIECE_CHARS)):
+            cut = m.start()
+            window = text[max(0, cut - 256) : cut + 256]
+            left = cut - max(0, cut - 256)
+            whole = self._tok.encode(window, add_special_tokens=False).ids
+            parts = self._tok.encode_batch_fast([window[:left], window[left:]], add_special_tokens=False)
+            if whole == parts[0].ids + parts[1].ids:
+                return cut
+        return None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special tokens included."""

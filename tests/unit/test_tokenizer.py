@@ -14,6 +14,9 @@ import tokenizers
 
 from forge_lm.data.sources import DataError, Document
 from forge_lm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from tests.conftest import REPO
+
+ASSETS = REPO / "tests" / "assets" / "tokenizers"
 
 ODD_TEXT = (
     "tabs\tand\r\nCRLF, NUL \x00, emoji 🎭, 漢字, Ünïcödé, trailing spaces   \n\n\n  <|endoftext|> literal"
@@ -328,3 +331,56 @@ def test_pickled_tokenizer_keeps_its_policy_and_special_token_handling(qwen3: To
     assert copy.policy == qwen3.policy and copy.fingerprint == qwen3.fingerprint
     text = "doc <|endoftext|> still the same doc"
     assert copy.encode(text) == qwen3.encode(text) and 151643 not in copy.encode(text)
+
+
+# ---- very long documents ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["trained", "gpt2", "qwen3"])
+def test_a_long_text_is_encoded_in_pieces_to_the_same_ids(
+    which, small_tokenizer, shakespeare_docs, stdlib_docs, monkeypatch
+):
+    """Long texts are cut into pieces at places proven harmless; the ids equal those of the whole text, for
+    our trained BPE and for real GPT-2 and Qwen3 tokenizers, on prose and on code (newlines kept)."""
+    import forge_lm.data.tokenizer as module
+
+    tok = small_tokenizer if which == "trained" else load_tokenizer(str(ASSETS / which))
+    text = "\n".join(d.text for d in shakespeare_docs[:40] + stdlib_docs[:5])
+    whole = tok.encode(text)
+    monkeypatch.setattr(module, "LONG_TEXT_CHARS", 5_000)
+    monkeypatch.setattr(module, "PIECE_CHARS", 2_000)
+    assert len(list(tok._pieces(text))) > 20
+    assert tok.encode(text) == whole
+    assert tok.encode_batch(["short one", text, "another"]) == [
+        tok.encode("short one"),
+        whole,
+        tok.encode("another"),
+    ]
+    assert (
+        tok.encode("x" * 9_000) == tok._tok.encode("x" * 9_000, add_special_tokens=False).ids
+    )  # no place to cut
+
+
+@pytest.mark.slow
+def test_a_50mb_single_line_document_tokenizes_in_bounded_memory(tmp_path):
+    """Peak memory of tokenizing one 50 MB line (real prose repeated) stays under 1 GB beyond the text."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, json, io, zstandard
+from forge_lm.data.tokenizer import load_tokenizer
+tok = load_tokenizer({str(ASSETS / "gpt2")!r})
+raw = zstandard.ZstdDecompressor().stream_reader(open({str(REPO / "data/corpora/shakespeare.jsonl.zst")!r}, "rb"))
+one = " ".join(json.loads(line)["text"].replace("\\n", " ") for line in io.TextIOWrapper(raw, encoding="utf-8"))
+doc = (one * (50_000_000 // len(one) + 1))[:50_000_000]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = tok.encode_batch([doc])[0]
+print(len(ids), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
+    )
+    tokens, overhead = map(int, out.stdout.split())
+    assert tokens > 10_000_000
+    assert overhead < 2**30, f"{overhead / 2**20:.0f} MiB beyond the text"
