@@ -41,7 +41,13 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(
         "forge_lm.trainer.eval.__main__:main", "evaluate a run, checkpoint or Hugging Face folder"
     ),
-    "export": Command("forge_lm.tools.export_hf:main", "export a checkpoint to a Hugging Face folder"),
+    "export": Command(
+        "forge_lm.tools.export_hf:main",
+        "export a checkpoint to a Hugging Face folder, or GGUF (--format gguf)",
+    ),
+    "verify": Command(
+        "forge_lm.tools.verify_checkpoint:main", "check checkpoints against their recorded checksums"
+    ),
     "plan": Command("forge_lm.launch.plan:main", "will a layout fit, and how fast: mesh, memory, step time"),
     "slurm": Command("forge_lm.launch.slurm:main", "submit a run to SLURM, requeued on preemption"),
     "torchrun": Command(
