@@ -12,6 +12,10 @@ file), in one run, it measures:
                  users do today, with num_proc=1 and N
   (d) loader     `Loader` batches of 8 x 2048 tokens from the prepared shards, in one process
 
+`--long-document MB` instead measures one document of that many megabytes on a single line (real prose
+repeated): the peak memory beyond the text and the time of encoding it whole with the `tokenizers` library,
+and through `Tokenizer.encode_batch` (which encodes a long text a piece at a time), each in its own process.
+
 Token rates use the same token count for every row (the ids of the documents, without EOS), so the ratios
 compare times. Each timing is the best of --repeat runs, taken round-robin over the measurements so that
 load from other users of a shared machine spreads evenly; CPU seconds (this process and its workers)
@@ -109,7 +113,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--chunk-chars", type=int, default=1_000_000, help="data.chunk_chars (default 1M)")
     parser.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
+    parser.add_argument("--long-document", type=float, metavar="MB", help="measure one MB-long line instead")
     args = parser.parse_args()
+    if args.long_document:
+        _long_document(args.tokenizer, args.long_document)
+        return
 
     import numpy as np
 
@@ -225,6 +233,35 @@ def main() -> None:
     )
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+_LONG_DOCUMENT = """
+import json, resource, sys, time
+from forge_lm.data.tokenizer import load_tokenizer
+from forge_lm.tools.bench_data import build_corpus
+import tempfile, pathlib
+texts = build_corpus(pathlib.Path(tempfile.mkdtemp()) / "c.jsonl", {mb})
+one = " ".join(t.replace("\\n", " ") for t in texts)
+doc = (one * (int({mb} * 1e6) // len(one) + 1))[: int({mb} * 1e6)]
+tok = load_tokenizer({tokenizer!r})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+ids = tok._tok.encode(doc, add_special_tokens=False).ids if {whole} else tok.encode_batch([doc])[0]
+seconds = time.perf_counter() - t0
+print(json.dumps([len(ids), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, seconds]))
+"""
+
+
+def _long_document(tokenizer: str, mb: float) -> None:
+    import subprocess
+    import sys
+
+    print(f"one line of {mb:g} MB (real prose repeated), tokenizer {tokenizer}")
+    for label, whole in (("tokenizers library, whole", True), ("Tokenizer.encode_batch", False)):
+        script = _LONG_DOCUMENT.format(mb=mb, tokenizer=tokenizer, whole=whole)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        tokens, extra, seconds = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {label:28s} {tokens:,} tokens | {extra / 2**30:.2f} GiB beyond the text | {seconds:.1f} s")
 
 
 if __name__ == "__main__":
