@@ -20,5 +20,6 @@ setup(
     package_data={
         "forge_lm.configs": ["*.yaml", "*/*.yaml"],
         "forge_lm.data": ["corpora/*", "evalsets/**/*"],
+        "forge_lm.trainer.serve": ["static/*"],  # the chat page of `forge serve`
     },
 )

@@ -34,6 +34,7 @@ class Command:
 
 LM_EVAL = ("lm_eval", "lm-evaluation-harness", "eval")
 TRANSFORMERS = ("transformers", "transformers (the reference it is timed against)", "bench")
+SERVE = ("fastapi", "FastAPI and uvicorn", "serve")
 
 COMMANDS: dict[str, Command] = {
     "train": Command("forge_lm.trainer.train:main", "pre-train a model: Hydra overrides, --config-dir DIR"),
@@ -44,9 +45,6 @@ COMMANDS: dict[str, Command] = {
     "export": Command(
         "forge_lm.tools.export_hf:main",
         "export a checkpoint to a Hugging Face folder, or GGUF (--format gguf)",
-    ),
-    "verify": Command(
-        "forge_lm.tools.verify_checkpoint:main", "check checkpoints against their recorded checksums"
     ),
     "plan": Command("forge_lm.launch.plan:main", "will a layout fit, and how fast: mesh, memory, step time"),
     "slurm": Command("forge_lm.launch.slurm:main", "submit a run to SLURM, requeued on preemption"),
@@ -65,6 +63,11 @@ COMMANDS: dict[str, Command] = {
     "arch-show": Command("forge_lm.tools.arch_show:main", "an architecture's knobs, parameters and FLOPs"),
     "gpu-check": Command(
         "forge_lm.tools.gpu_check:main", "the one-command GPU check and its report (--cpu: tiny)"
+    ),
+    "serve": Command(
+        "forge_lm.trainer.serve.__main__:main",
+        "OpenAI-compatible server: continuous batching, streaming, /metrics, a chat page",
+        SERVE,
     ),
     "lm-eval": Command(
         "forge_lm.trainer.eval.harness:main", "lm-evaluation-harness with the model 'forge'", LM_EVAL
@@ -88,6 +91,11 @@ BENCHMARKS: dict[str, Command] = {
         "forge_lm.tools.bench_kernels:main",
         "Triton kernels vs their PyTorch references (CUDA)",
         ("triton", "Triton", "dev"),
+    ),
+    "serve": Command(
+        "forge_lm.tools.bench_serve:main",
+        "forge serve: concurrent streaming clients vs one at a time vs the Generator",
+        ("openai", "the openai client", "serve"),
     ),
 }
 

@@ -11,7 +11,11 @@ gen = Generator(model)
 
 from forge_lm.trainer.inference.cache import KVCache
 from forge_lm.trainer.inference.engine import Completion, Generator
-from forge_lm.trainer.inference.load import check_tokenizer_fits, load_model
+from forge_lm.trainer.inference.load import check_tokenizer_fits, load_model, tokenizer_location
 from forge_lm.trainer.inference.sampling import SamplingParams
+from forge_lm.trainer.inference.slots import SlotCache, SlotDecoder
 
-__all__ = ["Completion", "Generator", "KVCache", "SamplingParams", "check_tokenizer_fits", "load_model"]
+__all__ = [
+    "Completion", "Generator", "KVCache", "SamplingParams", "SlotCache", "SlotDecoder", "check_tokenizer_fits",
+    "load_model", "tokenizer_location",
+]  # fmt: skip

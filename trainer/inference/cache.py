@@ -74,7 +74,10 @@ class KVCache:
         max_len: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        storage: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> None:
+        """storage: each layer's (k, v) to write into instead of fresh zeros, e.g. views of one row of a
+        larger cache (trainer/inference/slots.py prefills a row of its batch this way)."""
         self.batch_size, self.max_len = batch_size, max_len
         self.window = cfg.sliding_window
         self.layers: list[LayerCache] = []
@@ -82,8 +85,12 @@ class KVCache:
             sliding = cfg.is_sliding(i) and cfg.sliding_window is not None
             length = min(cfg.sliding_window, max_len) if sliding else max_len
             shape = (batch_size, cfg.n_kv_heads, length, cfg.head_dim)
-            k = torch.zeros(shape, device=device, dtype=dtype)
-            v = torch.zeros(shape, device=device, dtype=dtype)
+            if storage is not None:
+                k, v = storage[i]
+                assert k.shape == shape and v.shape == shape, (k.shape, shape)
+            else:
+                k = torch.zeros(shape, device=device, dtype=dtype)
+                v = torch.zeros(shape, device=device, dtype=dtype)
             self.layers.append(LayerCache(k, v, length if sliding else None, self))
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         """[B] left padding of each row: its first real token sits in slot pad[b]."""

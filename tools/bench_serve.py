@@ -1,0 +1,265 @@
+"""`forge serve` under load: concurrent streaming clients, the same requests one at a time, and one client
+against the Generator called directly, all in one run.
+
+    forge bench serve                                  # CPU defaults: the quickstart-size model, 16 clients
+    forge bench serve --model runs/quickstart --clients 32 --new 256
+    forge bench serve --device cuda --dtype bfloat16 --clients 64
+
+It starts `forge serve` as a subprocess on a free 127.0.0.1 port and talks to it through the official
+`openai` client (AsyncOpenAI, streaming, temperature 0 so that every run generates the same tokens):
+
+- concurrent: `--clients` requests at once, one per client, each `--prompt` tokens of Shakespeare (a
+  different passage per client) and `--new` new tokens. Aggregate tokens/s = all generated tokens over
+  the wall time from the first request to the last token. Time to first token (TTFT) and inter-token
+  latency (ITL, the gaps between streamed chunks of one request) as p50 / p99 over all requests.
+- one at a time: the same requests, each sent after the previous one finished.
+- Generator: the same prompts, one at a time, through `Generator.generate` called in this process (the
+  server idle): tokens/s, prefill included, against the one-at-a-time client's (HTTP and streaming
+  included).
+Each phase runs --repeats times, interleaved; medians are reported. Without --model the model is the
+quickstart's architecture (Llama, d_model 256, 4 layers, 5.0M parameters) with random weights and a
+byte-level BPE of 8,192 tokens trained on the shipped Shakespeare corpus in a few seconds: the speed of
+a trained model of that shape is the same. This is a benchmark script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpora" / "shakespeare.jsonl.zst"
+
+
+def build_model(out: Path, max_seq_len: int) -> Path:
+    """The quickstart's model shape with random weights and a BPE trained on Shakespeare, as an HF folder."""
+    from forge_lm.data.config import SourceConfig
+    from forge_lm.data.sources import iter_documents
+    from forge_lm.data.tokenizer import train_bpe
+    from forge_lm.trainer.hub import to_hf
+    from forge_lm.trainer.model import Decoder
+    from forge_lm.trainer.model.families import preset
+
+    texts = [d.text for d in iter_documents(SourceConfig(name="shakespeare", paths=[str(CORPUS)]))]
+    tokenizer = train_bpe(texts, vocab_size=8192, out_dir=str(out / "tokenizer"), show_progress=False)
+    cfg = preset(
+        "llama3_tiny", vocab_size=tokenizer.vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+        max_seq_len=max_seq_len, tie_embeddings=True,
+    )  # fmt: skip
+    return Path(to_hf(Decoder.build(cfg, seed=0).eval(), out / "hf", tokenizer=tokenizer))
+
+
+def prompts(tokenizer: Any, n: int, length: int) -> list[str]:
+    """n different Shakespeare passages of `length` tokens each (as text)."""
+    from forge_lm.data.config import SourceConfig
+    from forge_lm.data.sources import iter_documents
+
+    out = []
+    docs = iter_documents(SourceConfig(name="shakespeare", paths=[str(CORPUS)]))
+    for doc in itertools.islice(docs, 0, None, 7):
+        ids = tokenizer.encode(doc.text)
+        if len(ids) >= length:
+            out.append(tokenizer.decode(ids[:length]))
+        if len(out) == n:
+            return out
+    raise RuntimeError("not enough passages in the corpus")
+
+
+def start_server(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    command = [
+        sys.executable, "-m", "forge_lm.trainer.serve", str(folder), "--port", "0", "--model-name", "bench",
+        "--max-batch", str(args.max_batch), "--device", args.device, "--dtype", args.dtype,
+        "--queue-size", str(max(64, args.clients)), "--log-level", "warning",
+    ]  # fmt: skip
+    if args.server_threads is not None:
+        command += ["--threads", str(args.server_threads)]
+    if args.compile is not None:
+        command.append("--compile" if args.compile else "--no-compile")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        match = re.search(r"listening on (http://\S+) ", line)
+        if match:
+            return process, match.group(1)
+    raise RuntimeError("forge serve did not start:\n" + "".join(seen))
+
+
+async def one_request(client: Any, prompt: str, new: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    stream = await client.completions.create(
+        model="bench", prompt=prompt, max_tokens=new, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    arrivals, tokens = [], 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return {
+        "tokens": tokens,
+        "seconds": end - start,
+        "ttft": arrivals[0] - start if arrivals else float("nan"),
+        "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
+    }
+
+
+async def run_phase(url: str, texts: list[str], new: int, concurrent: bool) -> dict[str, Any]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    async with client:
+        start = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one_request(client, t, new) for t in texts))
+        else:
+            results = [await one_request(client, t, new) for t in texts]
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    gaps = [g for r in results for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in results]
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": 1e3 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1e3 * percentile(ttfts, 99),
+        "itl_p50_ms": 1e3 * percentile(gaps, 50),
+        "itl_p99_ms": 1e3 * percentile(gaps, 99),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def generator_tokens_per_s(model: Any, prompts_ids: list[list[int]], new: int) -> float:
+    """The Generator called directly on each prompt in turn: generated tokens over the wall time.
+
+    It runs on a worker thread, as the server's model does: on a shared machine, the main thread's OpenMP
+    team waits badly for threads descheduled by other processes (we saw 40 vs 240 tokens/s for the same
+    generation), which would compare threading, not serving."""
+    from forge_lm.trainer.inference import Generator
+
+    def run() -> None:
+        generator = Generator(model, max_batch_size=1)
+        tokens, start = 0, time.perf_counter()
+        for ids in prompts_ids:
+            [completion] = generator.generate([ids], new)
+            tokens += len(completion.token_ids)
+        result.append(tokens / (time.perf_counter() - start))
+
+    result: list[float] = []
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return result[0]
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", default=None, help="a run, checkpoint or HF folder (default: random, see above)"
+    )
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per request (default 32)")
+    p.add_argument("--new", type=int, default=128, help="new tokens per request (default 128)")
+    p.add_argument("--max-batch", type=int, default=None, help="server slots (default: --clients)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--server-threads", type=int, default=None, help="the server's --threads (default: torch's)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs of each phase; medians reported")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    for module in ("fastapi", "uvicorn", "openai"):
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"forge bench serve needs {module}: pip install 'forge-lm[serve]'", file=sys.stderr)
+            return 2
+    args.max_batch = args.max_batch or args.clients
+
+    from forge_lm.trainer.inference import load_model
+    from forge_lm.trainer.metrics import device_name
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.model) if args.model else build_model(Path(tmp), max_seq_len=1024)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        model, tokenizer = load_model(folder, device, dtype)
+        texts = prompts(tokenizer, args.clients, args.prompt)
+        all_ids = [tokenizer.encode(t) for t in texts]
+        params = sum(p.numel() for p in model.parameters())
+        print(
+            f"{device_name(device)} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}); "
+            f"model {'random, quickstart shape' if not args.model else args.model}: {params / 1e6:.1f}M "
+            f"parameters, {args.dtype}; {args.clients} clients x ({args.prompt} prompt + {args.new} new tokens), "
+            f"{args.max_batch} slots, server threads: {args.server_threads or 'torch default'}",
+            flush=True,
+        )
+        process, url = start_server(folder, args)
+        try:
+            asyncio.run(run_phase(url, texts[:2], 8, concurrent=True))  # warm-up, not timed
+            generator_tokens_per_s(model, all_ids[:2], 8)
+            concurrent, sequential, direct = [], [], []
+            for _ in range(args.repeats):
+                concurrent.append(asyncio.run(run_phase(url, texts, args.new, concurrent=True)))
+                sequential.append(asyncio.run(run_phase(url, texts, args.new, concurrent=False)))
+                direct.append({"tokens_per_s": generator_tokens_per_s(model, all_ids, args.new)})
+        finally:
+            process.terminate()
+            process.wait(30)
+    c, s, g = median_of(concurrent), median_of(sequential), median_of(direct)
+    result = {
+        "clients": args.clients, "prompt": args.prompt, "new": args.new, "slots": args.max_batch,
+        "concurrent": c, "one_at_a_time": s, "generator_tokens_per_s": g["tokens_per_s"],
+        "concurrency_speedup": c["tokens_per_s"] / s["tokens_per_s"],
+        "one_client_vs_generator": s["tokens_per_s"] / g["tokens_per_s"],
+    }  # fmt: skip
+    print("| run | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("|---|---|---|---|")
+    for name, r in ((f"{args.clients} concurrent clients", c), ("one at a time", s)):
+        print(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |"
+        )
+    print(f"| the Generator called directly, one prompt at a time | {g['tokens_per_s']:,.0f} | | |")
+    print(
+        f"concurrent / one at a time: {result['concurrency_speedup']:.2f}x; one client through the server / "
+        f"the Generator directly: {result['one_client_vs_generator']:.2f}x (medians of {args.repeats})"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
