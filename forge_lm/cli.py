@@ -46,6 +46,9 @@ COMMANDS: dict[str, Command] = {
         "forge_lm.tools.export_hf:main",
         "export a checkpoint to a Hugging Face folder, or GGUF (--format gguf)",
     ),
+    "verify": Command(
+        "forge_lm.tools.verify_checkpoint:main", "check checkpoints against their recorded checksums"
+    ),
     "plan": Command("forge_lm.launch.plan:main", "will a layout fit, and how fast: mesh, memory, step time"),
     "slurm": Command("forge_lm.launch.slurm:main", "submit a run to SLURM, requeued on preemption"),
     "torchrun": Command(

@@ -145,6 +145,11 @@ class TrainerConfig:
     """Keep this many most recent checkpoints (older ones are deleted after a newer one is complete)."""
     async_checkpoint: bool = False
     """Write checkpoints in the background while training continues (completed at the next save or the end)."""
+    on_save_error: str = "stop"
+    """What a checkpoint that cannot be written (disk full, file-size limit or quota, no permission) does:
+    'stop' ends the run with an error naming the checkpoint, the path and the bytes needed and free;
+    'continue' warns the same and keeps training, trying again at the next checkpoint. Either way the
+    partial checkpoint is removed and the earlier ones are untouched."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint of the run directory, if any), 'never', or a checkpoint directory."""
     exit_at_step: int = 0
@@ -192,6 +197,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.decay_fraction={self.decay_fraction} must be in (0, 1].")
         if not 0.0 <= self.data_stall_warn < 1.0:
             raise ConfigError(f"trainer.data_stall_warn={self.data_stall_warn} must be in [0, 1) (0: never warn).")
+        if self.on_save_error not in ("stop", "continue"):
+            raise ConfigError(f"trainer.on_save_error={self.on_save_error!r}: use 'stop' or 'continue'.")
         if self.time_budget_s < 0:
             raise ConfigError(f"trainer.time_budget_s={self.time_budget_s} must be >= 0 (0: no budget).")
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_last < 1 or self.exit_at_step < 0:

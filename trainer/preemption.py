@@ -69,6 +69,30 @@ def restart_message(step: int, resumed_from: Optional[os.PathLike | str]) -> str
     return f"{who}: resumed from {resumed_from} at step {step}"
 
 
+def exit_on_stop_signals() -> None:
+    """Until a `StopSignal` takes over, make SIGUSR1/SIGTERM end the process at once with REQUEUE_EXIT_CODE.
+
+    The trainer calls this first thing, before its heavy imports (torch, Hydra: seconds), so that a
+    preemption in those first seconds, when there is nothing to save yet, still says "requeue me" (75)
+    instead of dying by the signal (143 or 138). Main thread only; signals with a handler already
+    installed by someone else keep it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _exit_for_requeue)
+
+
+def _exit_for_requeue(signum: int, frame: Optional[FrameType]) -> None:
+    # Only async-signal-safe work: one write, then _exit (no atexit, no flushing of half-written state).
+    name = signal.Signals(signum).name
+    os.write(
+        2,
+        f"received {name} before training started: nothing to save, exiting {REQUEUE_EXIT_CODE} to be requeued\n".encode(),
+    )
+    os._exit(REQUEUE_EXIT_CODE)
+
+
 class StopSignal:
     """Decides, together on every rank, when to stop for a requeue. See the module docstring.
 

@@ -8,10 +8,17 @@ a generated sample -> a summary of where everything went.
 
 from __future__ import annotations
 
+import sys
+
+# First, before the heavy imports below (seconds): a preemption signal from now on exits 75, "requeue me".
+from forge_lm.trainer.preemption import exit_on_stop_signals
+
+if __name__ == "__main__" or sys.argv[1:2] == ["train"]:  # run as a program: python -m ..., forge train
+    exit_on_stop_signals()
+
 import dataclasses
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +152,10 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         engine.objective = posttrain.objective
     del model  # the engine owns it now
     checkpointer = ckpt.Checkpointer(
-        run_dir / "checkpoints", keep_last=cfg.trainer.keep_last, async_save=cfg.trainer.async_checkpoint
+        run_dir / "checkpoints",
+        keep_last=cfg.trainer.keep_last,
+        async_save=cfg.trainer.async_checkpoint,
+        on_save_error=cfg.trainer.on_save_error,
     )
 
     # -- resume --

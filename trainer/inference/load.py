@@ -45,7 +45,7 @@ def load_model(
         tokenizer_path = tokenizer_path or (str(path) if has_tokenizer(str(path)) else None)
     else:
         checkpoint = _checkpoint_dir(path)
-        extra = read_train_state(checkpoint)["extra"]
+        extra = read_train_state(checkpoint, collective=False)["extra"]
         if "model_config" not in extra:
             raise CheckpointError(
                 f"{checkpoint} does not record its model config (written by an older version)."
@@ -69,7 +69,7 @@ def tokenizer_location(path: str | os.PathLike[str]) -> Optional[str]:
     path = Path(path)
     if (path / "config.json").is_file():
         return str(path) if has_tokenizer(str(path)) else None
-    saved = read_train_state(_checkpoint_dir(path))["extra"].get("tokenizer_path")
+    saved = read_train_state(_checkpoint_dir(path), collective=False)["extra"].get("tokenizer_path")
     return saved if saved and Path(saved).exists() else None
 
 
@@ -83,11 +83,13 @@ def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, where: object =
 
 
 def _checkpoint_dir(path: Path) -> Path:
+    """A checkpoint named directly, else a run directory's newest checkpoint that verifies (a corrupt newer
+    one is skipped with a warning naming the file)."""
     if (path / "train_state.pt").is_file():
         return path
     for candidate in (path / "checkpoints", path):
         if candidate.is_dir():
-            latest = latest_checkpoint(candidate)
+            latest = latest_checkpoint(candidate, collective=False)
             if latest is not None:
                 return Path(latest.path)
     raise FileNotFoundError(

@@ -38,6 +38,7 @@ from forge_lm.trainer.config import Config, ConfigError
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.optim import build_optimizer
 from forge_lm.trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.safe_pickle import UnsafeCheckpointError, safe_torch_load
 from forge_lm.trainer.schedule import build_scheduler
 from forge_lm.trainer.strategy import Strategy, summed_loss, wants_bf16
 
@@ -144,17 +145,27 @@ class DeepSpeedStrategy(Strategy):
     def load(self, path: Path) -> dict[str, Any]:
         """Restore model and optimizer state; returns the train state (step, schedule, loader, RNG, metadata)."""
         path = Path(path)
-        state = ckpt.read_train_state(path)
+        state = ckpt.read_train_state(path)  # verifies the checkpoint's files first
         self._check_layout(path)
+        # DeepSpeed reads every file through its checkpoint engine with torch.load(weights_only=False); for
+        # this load the engine reads weights-only instead, admitting just the DeepSpeed types its files hold.
+        reader = self.engine.checkpoint_engine
+        own_load = reader.load
+        reader.load = safe_torch_load(_deepspeed_checkpoint_types())
         try:
             loaded, _ = self.engine.load_checkpoint(
                 str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
             )
+        except UnsafeCheckpointError as e:
+            raise ckpt.CheckpointError(str(e)) from None
         except Exception as e:
             raise ckpt.CheckpointError(
-                f"DeepSpeed cannot load {path} ({type(e).__name__}: {e}). Resume with the model config the "
-                "checkpoint was trained with (its run directory holds config.yaml)."
+                f"DeepSpeed cannot load {path} ({type(e).__name__}: {e}). Its files match their checksums, so the "
+                "model differs from the one saved: resume with the model config the checkpoint was trained with "
+                "(its run directory holds config.yaml)."
             ) from e
+        finally:
+            reader.load = own_load
         if loaded is None:
             raise ckpt.CheckpointError(f"DeepSpeed found no checkpoint to load in {path}")
         return state
@@ -217,6 +228,16 @@ class DeepSpeedStrategy(Strategy):
         model.init_buffers()  # RoPE frequencies and the embedding/output tie
         model.load_state_dict(state)
         return model.to(self.device)
+
+
+def _deepspeed_checkpoint_types() -> tuple[Any, ...]:
+    """The DeepSpeed classes a ZeRO checkpoint's pickles hold (loss scaler, ZeRO stage, fragment addresses):
+    plain records, admitted by name to the weights-only unpickler."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 def _ensure_process_group() -> None:
