@@ -528,6 +528,10 @@ def _print_summary(cfg: Config, r: RunResult, tokenizer_path: str) -> None:
         f"    Hugging Face dir  {r.hf_dir}",
         f"    tokenizer         {tokenizer_path}",
         f"    prepared shards   {cfg.data.prepared_dir}",
+        "  talk to it:",
+        f"    forge serve {r.run_dir}     (OpenAI API at http://127.0.0.1:8000/v1, chat page at http://127.0.0.1:8000/;"
+        " pip install 'forge-lm[serve]')",
+        f"    forge export {r.run_dir} {r.run_dir / 'model.gguf'} --format gguf     (one file for llama.cpp)",
         "=" * 72,
     ]
     print("\n".join(lines), flush=True)
