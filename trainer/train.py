@@ -128,10 +128,10 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
 
     posttrain = None
     if cfg.posttrain.active:
-        # -- post-training (SFT, DPO): weights, chat tokenizer and conversations from posttrain.* --
+        # -- post-training (SFT, DPO, distillation): weights, chat tokenizer and conversations from posttrain.* --
         from forge_lm.trainer.posttrain.run import setup_posttrain
 
-        posttrain = setup_posttrain(cfg, dims.is_main, device, dims.dp_rank, dims.dp_size)
+        posttrain = setup_posttrain(cfg, dims.is_main, device, dims.dp_rank, dims.dp_size, dims=dims)
         tokenizer, loader, val_batches, model = (
             posttrain.tokenizer, posttrain.loader, posttrain.val_batches, posttrain.model
         )
@@ -235,10 +235,10 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     def validate(at_step: int) -> EvalResult:
         evaluation = evaluator.run(at_step, engine.evaluate, eval_model)
         report(evaluation)
-        if engine.objective is not None:  # DPO: loss and reward metrics on the held-out pairs
+        if engine.objective is not None:  # DPO, distillation: the objective's loss and metrics held out
             held_out = engine.evaluate_objective(val_batches)
             log(at_step, held_out, "objective_val")
-            logger.info("held-out pairs at step %d: %s", at_step, ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+            logger.info("held-out objective at step %d: %s", at_step, ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
         return evaluation
 
     if resume_from is not None or restart_count() > 0:
@@ -311,7 +311,7 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                 }
                 record.update(breakdown_record(times, steps_timed))
                 record["data_wait_fraction"] = data_share
-                record.update({k: v for k, v in out.items() if k.startswith(("moe_", "rewards/", "logps/"))})
+                record.update({k: v for k, v in out.items() if k.startswith(("moe_", "rewards/", "logps/", "distill/"))})
                 if peak is not None:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
                 log(step, record, "train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-OBJECTIVES = ("lm", "sft", "dpo")
+OBJECTIVES = ("lm", "sft", "dpo", "distill")
 LOSS_ON = ("assistant", "completion", "all")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 TRUNCATIONS = ("keep_start", "skip")
@@ -21,7 +21,9 @@ class PosttrainConfig:
     objective: str = "lm"
     """'lm': pre-training on packed text (the data pipeline's shards). 'sft': next-token loss on conversations
     (`messages`) or prompt/completion records, only on the tokens `loss_on` names. 'dpo': the preference loss
-    of Rafailov et al. on chosen/rejected pairs against a frozen reference (the `init_from` model)."""
+    of Rafailov et al. on chosen/rejected pairs against a frozen reference (the `init_from` model).
+    'distill': forward KL(teacher || student) on the SFT examples' learned tokens, mixed with the next-token
+    loss (`distill_alpha`), from the frozen `teacher`."""
     init_from: Optional[str] = None
     """The weights to start from: a run directory (its newest complete checkpoint), a checkpoint directory or
     a Hugging Face folder. Only the weights: optimizer and schedule start fresh, in this run's run_dir.
@@ -59,6 +61,15 @@ class PosttrainConfig:
     dpo_loss: str = "sigmoid"
     """DPO loss: 'sigmoid' (Rafailov et al.), 'ipo' (Azar et al., length-normalised log-ratios as TRL) or
     'hinge' (SLiC)."""
+    teacher: Optional[str] = None
+    """Distillation: the teacher model, frozen (a run directory, a checkpoint or a Hugging Face folder). It
+    must use the student's tokenizer (compared token by token; a mismatch is refused)."""
+    distill_alpha: float = 0.5
+    """Distillation: the weight of the KL term; the next-token loss gets 1 - distill_alpha (1: pure
+    distillation, 0: plain SFT)."""
+    distill_temperature: float = 1.0
+    """Distillation: both distributions are softened by this temperature; the KL is scaled by its square so
+    that its gradients keep their size (Hinton et al., 2015)."""
     max_examples: Optional[int] = None
     """Use at most this many conversations (or pairs) of the sources (None: all)."""
 
@@ -83,6 +94,14 @@ class PosttrainConfig:
             raise PosttrainConfigError(
                 f"posttrain.max_pairs_per_chat={self.max_pairs_per_chat} must be >= 1."
             )
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise PosttrainConfigError(
+                f"posttrain.distill_alpha={self.distill_alpha} must be within [0, 1] (1: pure distillation)."
+            )
+        if self.distill_temperature <= 0:
+            raise PosttrainConfigError(
+                f"posttrain.distill_temperature={self.distill_temperature} must be positive (1: none)."
+            )
         if self.max_examples is not None and self.max_examples < 1:
             raise PosttrainConfigError(
                 f"posttrain.max_examples={self.max_examples} must be positive or null."
@@ -90,5 +109,5 @@ class PosttrainConfig:
 
     @property
     def active(self) -> bool:
-        """Whether the run post-trains (sft or dpo) rather than pre-trains."""
+        """Whether the run post-trains (sft, dpo or distill) rather than pre-trains."""
         return self.objective != "lm"

@@ -57,6 +57,7 @@ BAD_RECORD = {
 FILTERED = {
     "too_long": "longer than data.seq_len with posttrain.truncation=skip, or a DPO pair that would be cut",
     "no_loss_tokens": "no token left in the loss (after truncation)",
+    "same_completion": "a DPO pair whose chosen and rejected completions are equal (nothing to prefer)",
 }
 
 
@@ -273,6 +274,9 @@ def pairs_from_records(records: Sequence[_Record], chat: ChatTokenizer, cfg: Pos
             if problem:
                 report.skip("bad_conversation", rec.where, problem, strict)
                 continue
+            if chosen == rejected:  # its loss would be a constant log 2: no preference to learn
+                report.skip("same_completion", rec.where, "chosen equals rejected", strict=False)
+                continue
             try:
                 pair = pair_example(prompt, chosen, rejected, rec.where, chat, cfg, seq_len, report)
             except TemplateError as e:
@@ -301,6 +305,8 @@ def pairs_from_records(records: Sequence[_Record], chat: ChatTokenizer, cfg: Pos
             for k, j in enumerate(turns[-cfg.max_pairs_per_chat :]):
                 rejected = other_turns[min(len(other_turns) - 1, k)]
                 if rejected["content"] == messages[j]["content"]:
+                    report.skip("same_completion", f"{rec.where}#turn{j}", "the other chat's turn is the same",
+                                strict=False)  # fmt: skip
                     continue
                 try:
                     prompt = messages[max(0, j - cfg.pair_context_messages) : j]

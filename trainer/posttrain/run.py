@@ -21,6 +21,7 @@ from forge_lm.trainer.config import Config, ConfigError
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.posttrain.chat import ChatTokenizer, chat_tokenizer, grow_vocab
 from forge_lm.trainer.posttrain.data import PackedBatches, PackedLoader, build_posttrain_data
+from forge_lm.trainer.posttrain.distill import DistillObjective, check_same_vocab
 from forge_lm.trainer.posttrain.dpo import DPOObjective, reference_logps
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ class PosttrainSetup:
     tokenizer: ChatTokenizer
     loader: PackedLoader
     val_batches: PackedBatches
-    objective: Optional[DPOObjective]
-    """None for SFT (the engine's token loss); the DPO loss otherwise."""
+    objective: Optional[DPOObjective | DistillObjective]
+    """None for SFT (the engine's token loss); the DPO or distillation loss otherwise."""
 
 
 def check_layout(cfg: Config) -> None:
@@ -49,16 +50,22 @@ def check_layout(cfg: Config) -> None:
             "post-training packs several conversations into a row: set data.document_masking=true so that they "
             "never attend to each other."
         )
-    if post.objective == "dpo" and (p.tp > 1 or p.pp > 1 or cfg.trainer.backend != "torch"):
+    if post.objective in ("dpo", "distill") and (p.tp > 1 or p.pp > 1 or cfg.trainer.backend != "torch"):
         raise ConfigError(
-            "posttrain.objective=dpo runs on one process or with FSDP2 data parallelism only: set parallel.tp=1, "
-            "parallel.pp=1 and trainer.backend=torch."
+            f"posttrain.objective={post.objective} runs on one process or with FSDP2 data parallelism only: set "
+            "parallel.tp=1, parallel.pp=1 and trainer.backend=torch."
+        )
+    if post.objective == "distill" and not post.teacher:
+        raise ConfigError(
+            "posttrain.objective=distill needs posttrain.teacher: the run directory, checkpoint or Hugging Face "
+            "folder of the model to distil from (e.g. posttrain.teacher=runs/chat_sft)."
         )
 
 
 def setup_posttrain(
-    cfg: Config, is_main: bool, device: torch.device, dp_rank: int, dp_size: int
+    cfg: Config, is_main: bool, device: torch.device, dp_rank: int, dp_size: int, dims: Any = None
 ) -> PosttrainSetup:
+    """`dims` (the run's ParallelDims) shards a distillation teacher as the student is sharded."""
     from forge_lm.trainer.inference.load import load_model, tokenizer_location
 
     check_layout(cfg)
@@ -92,11 +99,43 @@ def setup_posttrain(
     if post.objective == "dpo":
         reference_logps(model, data.train + data.val, data.collate, device)
         objective = DPOObjective(post.beta, post.dpo_loss)
+    elif post.objective == "distill":
+        objective = load_teacher(cfg, chat, tokenizer_path, device, dims)
     model.train()
     loader = data.loader(cfg.trainer.micro_batch_size, cfg.data.seed, dp_rank, dp_size)
     val = data.val_batches(cfg.eval.batch_size, cfg.eval.max_batches)
     logger.info("post-training (%s) from %s: %s", post.objective, source, loader.describe())
     return PosttrainSetup(model, chat, loader, val, objective)
+
+
+def load_teacher(cfg: Config, chat: ChatTokenizer, student_tokenizer: str, device: torch.device,
+                 dims: Any) -> DistillObjective:  # fmt: skip
+    """The frozen teacher of a distillation run, on the student's vocabulary and sharded like the student."""
+    from forge_lm.trainer.inference.load import load_model, tokenizer_location
+    from forge_lm.trainer.parallel.parallelize import parallelize, uses_fsdp
+    from forge_lm.trainer.strategy import wants_bf16
+
+    post = cfg.posttrain
+    source = Path(post.teacher)  # type: ignore[arg-type]
+    if not source.exists():
+        raise ConfigError(f"posttrain.teacher={post.teacher!r} does not exist: give a run directory, a checkpoint "
+                          "or a Hugging Face folder.")  # fmt: skip
+    tokenizer_path = tokenizer_location(source)
+    if tokenizer_path is None:
+        raise DataError(f"{source}: found no tokenizer beside the teacher; export it with its tokenizer.")
+    check_same_vocab(
+        chat, student_tokenizer, chat_tokenizer(tokenizer_path, post.chat_template), tokenizer_path
+    )
+    teacher, _ = load_model(source, device=device)
+    grow_vocab(teacher, chat.vocab_size)  # a teacher without the chat tokens the student's template adds
+    if dims is not None:
+        fsdp = uses_fsdp(dims)
+        teacher = parallelize(
+            teacher, dims, torch.bfloat16 if (fsdp and wants_bf16(cfg, device)) else torch.float32
+        )
+    logger.info("distilling from %s (alpha %.2f, temperature %.2f)", source, post.distill_alpha,
+                post.distill_temperature)  # fmt: skip
+    return DistillObjective(teacher, chat.vocab_size, post.distill_alpha, post.distill_temperature)
 
 
 def objective_record(sums: dict[str, Any], pairs: float) -> dict[str, float]:
