@@ -219,7 +219,10 @@ def test_deepspeed_resume_refuses_a_planted_payload(tmp_path):
     checkpoint = tmp_path / "ds" / "checkpoints" / "step_0000003"
     optim = next(checkpoint.glob("*optim_states.pt"))
     ran = tmp_path / "payload-ran"
-    state = torch.load(optim, weights_only=False)  # our own file, written just above
+    from forge_lm.trainer.parallel.deepspeed import _deepspeed_checkpoint_types
+    from forge_lm.trainer.safe_pickle import safe_torch_load
+
+    state = safe_torch_load(_deepspeed_checkpoint_types())(optim)  # the reader the resume above used
     state["planted"] = _Plant(ran)
     torch.save(state, optim)
     _reseal(checkpoint)
