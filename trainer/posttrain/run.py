@@ -62,21 +62,29 @@ def check_layout(cfg: Config) -> None:
         )
 
 
+def _model_source(field: str, value: Any) -> tuple[Path, str]:
+    """A model to start from or learn from (run directory, checkpoint or HF folder) and its tokenizer's path."""
+    from forge_lm.trainer.inference.load import tokenizer_location
+
+    source = Path(value)
+    if not source.exists():
+        raise ConfigError(f"{field}={value!r} does not exist: give a run directory, a checkpoint or a Hugging "
+                          "Face folder.")  # fmt: skip
+    tokenizer_path = tokenizer_location(source)
+    if tokenizer_path is None:
+        raise DataError(f"{source}: found no tokenizer beside the model ({field}); export it with its tokenizer.")
+    return source, tokenizer_path
+
+
 def setup_posttrain(
     cfg: Config, is_main: bool, device: torch.device, dp_rank: int, dp_size: int, dims: Any = None
 ) -> PosttrainSetup:
     """`dims` (the run's ParallelDims) shards a distillation teacher as the student is sharded."""
-    from forge_lm.trainer.inference.load import load_model, tokenizer_location
+    from forge_lm.trainer.inference.load import load_model
 
     check_layout(cfg)
     post = cfg.posttrain
-    source = Path(post.init_from)  # type: ignore[arg-type]
-    if not source.exists():
-        raise ConfigError(f"posttrain.init_from={post.init_from!r} does not exist: give a run directory, a "
-                          "checkpoint or a Hugging Face folder.")  # fmt: skip
-    tokenizer_path = tokenizer_location(source)
-    if tokenizer_path is None:
-        raise DataError(f"{source}: found no tokenizer beside the model; export it with its tokenizer.")
+    source, tokenizer_path = _model_source("posttrain.init_from", post.init_from)
     model, _ = load_model(source, device=device)
     chat = chat_tokenizer(tokenizer_path, post.chat_template)
     added = grow_vocab(model, chat.vocab_size)
@@ -111,18 +119,12 @@ def setup_posttrain(
 def load_teacher(cfg: Config, chat: ChatTokenizer, student_tokenizer: str, device: torch.device,
                  dims: Any) -> DistillObjective:  # fmt: skip
     """The frozen teacher of a distillation run, on the student's vocabulary and sharded like the student."""
-    from forge_lm.trainer.inference.load import load_model, tokenizer_location
+    from forge_lm.trainer.inference.load import load_model
     from forge_lm.trainer.parallel.parallelize import parallelize, uses_fsdp
     from forge_lm.trainer.strategy import wants_bf16
 
     post = cfg.posttrain
-    source = Path(post.teacher)  # type: ignore[arg-type]
-    if not source.exists():
-        raise ConfigError(f"posttrain.teacher={post.teacher!r} does not exist: give a run directory, a checkpoint "
-                          "or a Hugging Face folder.")  # fmt: skip
-    tokenizer_path = tokenizer_location(source)
-    if tokenizer_path is None:
-        raise DataError(f"{source}: found no tokenizer beside the teacher; export it with its tokenizer.")
+    source, tokenizer_path = _model_source("posttrain.teacher", post.teacher)
     check_same_vocab(
         chat, student_tokenizer, chat_tokenizer(tokenizer_path, post.chat_template), tokenizer_path
     )
