@@ -100,6 +100,11 @@ BENCHMARKS: dict[str, Command] = {
         "forge serve: concurrent streaming clients vs one at a time vs the Generator",
         ("openai", "the openai client", "serve"),
     ),
+    "posttrain": Command(
+        "forge_lm.tools.bench_posttrain:main",
+        "the walk-through quickstart -> chat_sft -> chat_dpo -> chat_distill, timed, held-out results",
+        TRANSFORMERS,
+    ),
 }
 
 

@@ -149,7 +149,7 @@ class Engine:
         sums: dict[str, torch.Tensor] = {}
         with self.clock.device("fwd_bwd"):
             for batch in micro_batches:
-                with phase("forward"):
+                with phase("forward"), s.compute_context():
                     loss, metrics = objective.loss_sum(s.parts[0], batch, self.device)
                 with phase("backward"):
                     s.backward(loss * scale)
@@ -176,7 +176,8 @@ class Engine:
         try:
             for batch in batches:
                 batch = to_device(batch, self.device)
-                loss, metrics = self.objective.loss_sum(self.strategy.parts[0], batch, self.device)
+                with self.strategy.compute_context():
+                    loss, metrics = self.objective.loss_sum(self.strategy.parts[0], batch, self.device)
                 for name, value in {"loss": loss, **metrics}.items():
                     total[name] = total.get(name, 0.0) + float(value)
                 units += float(self.objective.units(batch))

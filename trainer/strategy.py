@@ -48,6 +48,11 @@ class Strategy(ABC):
         """Entered around each micro-batch's forward and backward (loss parallelism needs both inside)."""
         return contextlib.nullcontext()
 
+    def compute_context(self) -> contextlib.AbstractContextManager:
+        """Entered around a forward that does not go through `loss_sum` (post-training objectives): the
+        precision the strategy computes in (autocast to bf16 where FSDP2 does not cast the parameters)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward one micro-batch (already on the device): the sum of its token losses, a 0-dim tensor."""

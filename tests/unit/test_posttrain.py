@@ -217,3 +217,44 @@ def test_labels_are_shifted_assistant_tokens(tok_dir):
         33 - len(ids)
     )
     assert labels == want
+
+
+def test_objective_steps_compute_in_the_runs_precision(tok_dir):
+    """A DPO step and its held-out evaluation run the policy in bf16 when the run asks for bf16 without FSDP2
+    (autocast, as the token loss does), and the reference log-probabilities come from the same precision, so
+    the policy starts exactly at its reference (loss log 2)."""
+    from forge_lm.trainer.engine import Engine
+    from forge_lm.trainer.parallel.mesh import init_parallel
+    from forge_lm.trainer.posttrain.data import PosttrainReport, collate_pairs, pair_example
+    from forge_lm.trainer.posttrain.dpo import DPOObjective, reference_logps
+    from tests.conftest import compose_config
+
+    chat = chat_tokenizer(str(tok_dir))
+    model = tiny_model(512, seed=3)
+    grow_vocab(model, chat.vocab_size)
+    chats = [c["messages"] for c in read_chats(12)]
+    pairs = [
+        pair_example(m[:1], [m[1]], [chats[(i + 1) % len(chats)][1]], f"x:{i}", chat, PosttrainConfig("dpo"), 256,
+                     PosttrainReport())  # fmt: skip
+        for i, m in enumerate(chats)
+    ]
+
+    def collate(rows):
+        return collate_pairs(rows, 256, chat.eos_id)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_logps(model, pairs, collate, torch.device("cpu"))
+    cfg = compose_config("trainer.precision=bf16", "trainer.device=cpu", "data.seq_len=256",
+                         "trainer.micro_batch_size=4", "trainer.global_batch_tokens=1024")  # fmt: skip
+    cfg.model = model.cfg
+    engine = Engine(cfg, init_parallel(cfg.parallel, "cpu"), torch.device("cpu"), model)
+    engine.objective = DPOObjective(0.1, "sigmoid")
+    seen = []
+    model.layers[0].attention.wq.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    batch = collate([[p] for p in pairs[:4]])
+    held_out = engine.evaluate_objective([batch])
+    assert seen and set(seen) == {torch.bfloat16}
+    assert abs(held_out["loss"] - 0.693147) < 1e-5 and held_out["rewards/margins"] == 0.0
+    seen.clear()
+    engine.train_step([batch])
+    assert seen and set(seen) == {torch.bfloat16}

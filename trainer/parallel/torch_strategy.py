@@ -78,6 +78,9 @@ class TorchStrategy(Strategy):
     def loss_context(self) -> contextlib.AbstractContextManager:
         return loss_parallel() if self.tp_loss_parallel else contextlib.nullcontext()
 
+    def compute_context(self) -> contextlib.AbstractContextManager:
+        return self.autocast
+
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Without tensor parallelism the model computes the loss from its last hidden states (fused where
         the device runs it). Under tensor parallelism the logits are sharded DTensors and loss_parallel

@@ -9,6 +9,7 @@ optimizer and schedule, checkpoints, resume, evaluation and export as in pre-tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,13 @@ def setup_posttrain(
     data = build_posttrain_data(cfg.data, post, chat)
     objective = None
     if post.objective == "dpo":
-        reference_logps(model, data.train + data.val, data.collate, device)
+        from forge_lm.trainer.strategy import wants_bf16
+
+        # In the precision the policy computes in, so that policy and reference agree at step 0 (a bf16
+        # policy against fp32 reference log-probabilities would start with non-zero rewards).
+        bf16 = wants_bf16(cfg, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            reference_logps(model, data.train + data.val, data.collate, device)
         objective = DPOObjective(post.beta, post.dpo_loss)
     elif post.objective == "distill":
         objective = load_teacher(cfg, chat, tokenizer_path, device, dims)
