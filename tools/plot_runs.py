@@ -8,7 +8,8 @@ smoothed), validation loss, bits per byte per data source, benchmark task accura
 gradient norm, tokens/s (and MFU when measured), peak memory. Runs that recorded layer statistics
 (`trainer.debug.layer_stats_steps`) also get layer_stats.png beside it: per block, the output RMS and largest
 magnitude and the largest attention logit, and per parameter group the gradient and update RMS, a curve
-per recorded step.
+per recorded step. Post-training runs (DPO, distillation) also get objective.png: each held-out objective
+metric (reward accuracy and margin, KL to the teacher, ...) beside its training value.
 """
 
 from __future__ import annotations
@@ -188,6 +189,57 @@ def plot_layer_stats(
     return {title: len(ax.lines) for title, ax in zip(LAYER_PANELS, grid.flat)}
 
 
+def plot_objective(
+    run_dirs: Sequence[Path], out: Path, names: Optional[Sequence[str]] = None
+) -> Optional[dict[str, int]]:
+    """Post-training objectives (DPO, distillation): a panel per metric the held-out evaluation records
+    (loss, rewards/accuracies, rewards/margins, distill/kl, ...), the training value per step as a thin line
+    and the held-out value as markers; None (nothing drawn) when no run recorded any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(names or [Path(r).name for r in run_dirs])
+    held_out = [read_metrics(run, "objective_val") for run in run_dirs]
+    metrics = sorted({k for recs in held_out for r in recs for k in r if k not in ("step", "kind", "time")})
+    if not metrics:
+        return None
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, grid = plt.subplots(
+        rows, cols, figsize=(6 * cols, 4.5 * rows), constrained_layout=True, squeeze=False
+    )
+    for ax in grid.flat[len(metrics) :]:
+        ax.axis("off")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(grid.flat, metrics):
+        for i, (run, name, recs) in enumerate(zip(run_dirs, names, held_out)):
+            color = colors[i % len(colors)]
+            steps, values = _series(read_metrics(run, "train"), metric)
+            ax.plot(steps, values, color=color, alpha=0.4, linewidth=0.8, label=f"{name}: training")
+            steps, values = _series(recs, metric)
+            ax.plot(steps, values, "o-", color=color, label=f"{name}: held out")
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.set_ylabel(_objective_unit(metric))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("post-training objective: " + " vs ".join(names), fontsize=13)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return {metric: len(ax.lines) for metric, ax in zip(metrics, grid.flat)}
+
+
+def _objective_unit(metric: str) -> str:
+    if metric.endswith("accuracies"):
+        return "share of pairs"
+    if metric.startswith("rewards/"):
+        return "reward (beta x log-ratio)"
+    return "nats"  # the loss, log-probabilities, KL and cross-entropies
+
+
 def _model_order(group: str) -> tuple:
     """Embeddings, then the blocks in order, then the final norm and the output head."""
     if group.startswith("layers."):
@@ -215,6 +267,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     layers = out.with_name("layer_stats.png")
     if plot_layer_stats(runs, layers, args.names) is not None:
         print(f"wrote {layers}")
+    objective = out.with_name("objective.png")
+    if plot_objective(runs, objective, args.names) is not None:
+        print(f"wrote {objective}")
     return 0
 
 

@@ -429,11 +429,12 @@ def _breakdown_line(record: dict[str, Any], step_time: float) -> str:
 def _draw_figure(run_dir: Path) -> Optional[Path]:
     """The run's overview figure (forge plot); a failure to draw is a warning, never a failed run."""
     try:
-        from forge_lm.tools.plot_runs import plot_layer_stats, plot_runs
+        from forge_lm.tools.plot_runs import plot_layer_stats, plot_objective, plot_runs
 
         out = run_dir / "plots" / "overview.png"
         plot_runs([run_dir], out)
         plot_layer_stats([run_dir], out.with_name("layer_stats.png"))
+        plot_objective([run_dir], out.with_name("objective.png"))
         return out
     except Exception as e:
         logger.warning("could not draw the run's figure (%s); `forge plot %s` draws it later", e, run_dir)

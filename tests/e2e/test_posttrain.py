@@ -74,6 +74,10 @@ def test_sft_then_dpo_then_transformers_generate(base):
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies"} <= set(held_out[-1])
     train = read_metrics(root / "chat_dpo", "train")
     assert "rewards/accuracies" in train[-1]
+    from forge_lm.tools.plot_runs import plot_objective
+
+    curves = plot_objective([root / "chat_dpo"], root / "objective.png")  # training and held-out, per metric
+    assert curves["rewards/accuracies"] == curves["loss"] == 2 and (root / "objective.png").stat().st_size > 0
 
     # The exported chat model: transformers renders the template and generates what our Generator does.
     from transformers import AutoModelForCausalLM, AutoTokenizer
