@@ -16,6 +16,11 @@ It starts `forge serve` as a subprocess on a free 127.0.0.1 port and talks to it
 - Generator: the same prompts, one at a time, through `Generator.generate` called in this process (the
   server idle): tokens/s, prefill included, against the one-at-a-time client's (HTTP and streaming
   included).
+- llama.cpp (when `llama-cpp-python` with its server extra is installed; `--no-llama-cpp` skips it): the
+  same weights exported with `forge export --format gguf` (f32, or f16 for a 16-bit --dtype), served by
+  `python -m llama_cpp.server` on another free port with the same threads, and the same concurrent and
+  one-at-a-time phases through the same client. llama-cpp-python's server runs one request at a time
+  (no continuous batching), so its concurrent phase queues.
 Each phase runs --repeats times, interleaved; medians are reported. Without --model the model is the
 quickstart's architecture (Llama, d_model 256, 4 layers, 5.0M parameters) with random weights and a
 byte-level BPE of 8,192 tokens trained on the shipped Shakespeare corpus in a few seconds: the speed of
@@ -99,6 +104,51 @@ def start_server(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
     raise RuntimeError("forge serve did not start:\n" + "".join(seen))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_llama_cpp(folder: Path, out: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own OpenAI-compatible server on the GGUF export of the same weights."""
+    import urllib.request
+
+    from forge_lm.tools.export_hf import export_gguf
+
+    gguf = export_gguf(folder, out / "bench.gguf", dtype="f32" if args.dtype == "float32" else "f16")
+    port = free_port()
+    threads = str(args.server_threads or torch.get_num_threads())
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", threads,
+        "--n_threads_batch", threads, "--verbose", "false",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("llama_cpp.server did not start:\n" + process.stderr.read()[-2000:])
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
+            return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError("llama_cpp.server did not answer within 120 s")
+
+
+def llama_cpp_server_available() -> bool:
+    try:
+        __import__("llama_cpp.server.app")
+    except ImportError:
+        return False
+    return True
+
+
 async def one_request(client: Any, prompt: str, new: int) -> dict[str, Any]:
     start = time.perf_counter()
     stream = await client.completions.create(
@@ -109,11 +159,12 @@ async def one_request(client: Any, prompt: str, new: int) -> dict[str, Any]:
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.perf_counter())
-        if chunk.usage is not None:
+        if getattr(chunk, "usage", None) is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
     return {
-        "tokens": tokens,
+        # A server that sends no usage chunk (llama-cpp-python's) streams one token per chunk.
+        "tokens": tokens or len(arrivals),
         "seconds": end - start,
         "ttft": arrivals[0] - start if arrivals else float("nan"),
         "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
@@ -196,6 +247,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument(
         "--server-threads", type=int, default=None, help="the server's --threads (default: torch's)"
     )
+    p.add_argument(
+        "--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
+        help="also time llama.cpp's server on the GGUF export (when llama-cpp-python[server] is installed)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="runs of each phase; medians reported")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -225,18 +280,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{args.max_batch} slots, server threads: {args.server_threads or 'torch default'}",
             flush=True,
         )
+        llama_cpp = args.llama_cpp and llama_cpp_server_available()
+        if args.llama_cpp and not llama_cpp:
+            print("llama.cpp: skipped (pip install 'llama-cpp-python[server]' to compare)", flush=True)
         process, url = start_server(folder, args)
+        processes = [process]
         try:
+            if llama_cpp:
+                ref_process, ref_url = start_llama_cpp(folder, Path(tmp), args)
+                processes.append(ref_process)
+                asyncio.run(run_phase(ref_url, texts[:2], 8, concurrent=False))  # warm-up, not timed
             asyncio.run(run_phase(url, texts[:2], 8, concurrent=True))  # warm-up, not timed
             generator_tokens_per_s(model, all_ids[:2], 8)
-            concurrent, sequential, direct = [], [], []
+            concurrent, sequential, direct, ref_concurrent, ref_sequential = [], [], [], [], []
             for _ in range(args.repeats):
                 concurrent.append(asyncio.run(run_phase(url, texts, args.new, concurrent=True)))
                 sequential.append(asyncio.run(run_phase(url, texts, args.new, concurrent=False)))
                 direct.append({"tokens_per_s": generator_tokens_per_s(model, all_ids, args.new)})
+                if llama_cpp:
+                    ref_concurrent.append(asyncio.run(run_phase(ref_url, texts, args.new, concurrent=True)))
+                    ref_sequential.append(asyncio.run(run_phase(ref_url, texts, args.new, concurrent=False)))
         finally:
-            process.terminate()
-            process.wait(30)
+            for proc in processes:
+                proc.terminate()
+                proc.wait(30)
     c, s, g = median_of(concurrent), median_of(sequential), median_of(direct)
     result = {
         "clients": args.clients, "prompt": args.prompt, "new": args.new, "slots": args.max_batch,
@@ -246,7 +313,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     }  # fmt: skip
     print("| run | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|")
-    for name, r in ((f"{args.clients} concurrent clients", c), ("one at a time", s)):
+    rows = [(f"{args.clients} concurrent clients", c), ("one at a time", s)]
+    if ref_concurrent:
+        result["llama_cpp"] = {
+            "concurrent": median_of(ref_concurrent),
+            "one_at_a_time": median_of(ref_sequential),
+        }
+        rows += [(f"llama.cpp server, {args.clients} concurrent clients", result["llama_cpp"]["concurrent"]),
+                 ("llama.cpp server, one at a time", result["llama_cpp"]["one_at_a_time"])]  # fmt: skip
+    for name, r in rows:
         print(
             f"| {name} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
             f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |"
@@ -256,6 +331,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"concurrent / one at a time: {result['concurrency_speedup']:.2f}x; one client through the server / "
         f"the Generator directly: {result['one_client_vs_generator']:.2f}x (medians of {args.repeats})"
     )
+    if ref_concurrent:
+        ref = result["llama_cpp"]
+        print(
+            f"forge serve / llama.cpp server: {c['tokens_per_s'] / ref['concurrent']['tokens_per_s']:.2f}x with "
+            f"{args.clients} concurrent clients, {s['tokens_per_s'] / ref['one_at_a_time']['tokens_per_s']:.2f}x "
+            "one at a time"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
