@@ -82,8 +82,9 @@ def describe(stage: str, run_dir: Path) -> str:
     )
 
 
-def same_greedy_tokens(hf_dir: Path, n: int = 24) -> bool:
-    """The exported folder in transformers (chat template applied there) and our Generator agree greedily."""
+def greedy_replies(hf_dir: Path, n: int = 24) -> tuple[list[int], list[int]]:
+    """The greedy reply to PROMPT of the exported folder in transformers (its chat template applied by
+    `apply_chat_template`) and of our Generator, each up to its first end-of-turn token: (ours, theirs)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,10 +94,16 @@ def same_greedy_tokens(hf_dir: Path, n: int = 24) -> bool:
     prompt = list(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)
                   ["input_ids"])  # fmt: skip
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    want = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    # transformers stops at the end-of-turn token the export names (generation_config.json); ours is cut
+    # at the same token. (min_new_tokens would instead forbid that token and pick the runner-up.)
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt) :].tolist()
+    stop = hf.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop])
     model, _ = load_model(hf_dir)
     [out] = Generator(model, compile=False).generate([prompt], n, SamplingParams(temperature=0.0))
-    return list(out.token_ids) == want[0, len(prompt) :].tolist()
+    ours = list(out.token_ids)
+    ends = [i for i, t in enumerate(ours) if t in stop]
+    return (ours[: ends[0] + 1] if ends else ours), want
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -135,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"| {stage} | {n} | {'' if seconds is None else f'{seconds:.0f}'} | {text} |")
     for stage in ("chat_dpo", "chat_distill"):
         if stage in stages and (root / stage / "hf").is_dir():
-            same = same_greedy_tokens(root / stage / "hf")
+            ours, theirs = greedy_replies(root / stage / "hf")
+            same = ours == theirs
             print(f"\n{stage}/hf in transformers (apply_chat_template + generate) = our Generator, 24 greedy "
                   f"tokens: {'yes' if same else 'NO'}")  # fmt: skip
     return 0

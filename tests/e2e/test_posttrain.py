@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from forge_lm.trainer.hub import to_hf
 from forge_lm.trainer.metrics import read_metrics
@@ -80,25 +79,19 @@ def test_sft_then_dpo_then_transformers_generate(base):
     assert curves["rewards/accuracies"] == curves["loss"] == 2 and (root / "objective.png").stat().st_size > 0
 
     # The exported chat model: transformers renders the template and generates what our Generator does.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from forge_lm.trainer.inference import Generator, SamplingParams, load_model
+    from forge_lm.tools.bench_posttrain import greedy_replies
 
     hf_dir = root / "chat_dpo" / "hf"
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": "Hey, how are you doing today?"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"
     ]
-    prompt = list(prompt)
-    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
-    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[
-        0, len(prompt) :
-    ]
-    model, _ = load_model(hf_dir)
-    [out] = Generator(model, compile=False).generate([prompt], 12, SamplingParams(temperature=0.0))
-    assert list(out.token_ids) == want.tolist()
+    assert tok.decode(list(prompt)).endswith("<|im_start|>assistant\n")
+    ours, theirs = greedy_replies(hf_dir, 12)  # the same prompt through the same template
+    assert ours == theirs
 
 
 def test_dpo_refuses_tensor_parallel(base):

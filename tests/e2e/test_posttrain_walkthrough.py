@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from forge_lm.tools.bench_posttrain import greedy_replies
 from forge_lm.trainer.hub import to_hf
 from forge_lm.trainer.metrics import read_metrics
 from forge_lm.trainer.train import run
@@ -132,20 +132,8 @@ def test_walkthrough_quickstart_sft_dpo_distill(tmp_path):
     held_out = read_metrics(root / "chat_distill", "objective_val")
     assert held_out[-1]["distill/kl"] < held_out[0]["distill/kl"]
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from forge_lm.trainer.inference import Generator, SamplingParams, load_model
-
     for run_name in ("chat_dpo", "chat_distill"):
         hf_dir = root / run_name / "hf"
         assert (hf_dir / "tokenizer_config.json").is_file(), run_name
-        tok = AutoTokenizer.from_pretrained(hf_dir)
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        messages = [{"role": "user", "content": "Hey, how are you doing today?"}]
-        prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])  # fmt: skip
-        assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
-        want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        model, _ = load_model(hf_dir)
-        [out] = Generator(model, compile=False).generate([prompt], 12, SamplingParams(temperature=0.0))
-        assert list(out.token_ids) == want[0, len(prompt) :].tolist(), run_name
+        ours, theirs = greedy_replies(hf_dir, 12)
+        assert ours == theirs, run_name
