@@ -144,8 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if stage in stages and (root / stage / "hf").is_dir():
             ours, theirs = greedy_replies(root / stage / "hf")
             same = ours == theirs
-            print(f"\n{stage}/hf in transformers (apply_chat_template + generate) = our Generator, 24 greedy "
-                  f"tokens: {'yes' if same else 'NO'}")  # fmt: skip
+            print(f"\n{stage}/hf in transformers (apply_chat_template + generate) = our Generator, greedy reply up to "
+                  f"the end of its turn: {'yes' if same else 'NO'}")  # fmt: skip
     return 0
 
 

@@ -114,8 +114,9 @@ QUICKSTART = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow
 def test_walkthrough_quickstart_sft_dpo_distill(tmp_path):
+    """The short version of the documented chain (each stage a few steps; about half a minute), in CI; the
+    full one is `forge bench posttrain`, its numbers in docs/BENCHMARKS.md."""
     root = tmp_path
     forge_train("experiment=quickstart", f"output_root={root}", *QUICKSTART, *FAST[:5])
     forge_train("experiment=chat_sft", f"output_root={root}", "trainer.max_steps=6", "trainer.log_every=3",
