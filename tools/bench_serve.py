@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -206,26 +205,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def generator_tokens_per_s(model: Any, prompts_ids: list[list[int]], new: int) -> float:
-    """The Generator called directly on each prompt in turn: generated tokens over the wall time.
-
-    It runs on a worker thread, as the server's model does: on a shared machine, the main thread's OpenMP
-    team waits badly for threads descheduled by other processes (we saw 40 vs 240 tokens/s for the same
-    generation), which would compare threading, not serving."""
+    """The Generator called directly on each prompt in turn, on this process's main thread (the one that
+    loaded the model, as `forge serve` decodes on its own): generated tokens over the wall time."""
     from forge_lm.trainer.inference import Generator
 
-    def run() -> None:
-        generator = Generator(model, max_batch_size=1)
-        tokens, start = 0, time.perf_counter()
-        for ids in prompts_ids:
-            [completion] = generator.generate([ids], new)
-            tokens += len(completion.token_ids)
-        result.append(tokens / (time.perf_counter() - start))
-
-    result: list[float] = []
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    return result[0]
+    generator = Generator(model, max_batch_size=1)
+    tokens, start = 0, time.perf_counter()
+    for ids in prompts_ids:
+        [completion] = generator.generate([ids], new)
+        tokens += len(completion.token_ids)
+    return tokens / (time.perf_counter() - start)
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

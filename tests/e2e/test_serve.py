@@ -372,3 +372,43 @@ def test_engine_options_are_checked(folder) -> None:
     with pytest.raises(ValueError, match="--max-context=999 is longer than the model's context of 256"):
         engine(folder, max_context=999)
     json.dumps(engine(folder, max_batch=2).metrics.render())  # renders before any request
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_the_command_stops_cleanly_on_a_signal_mid_stream(folder, signame) -> None:
+    """`forge serve` decodes on its main thread and serves HTTP on another: SIGTERM or Ctrl-C while a reply
+    streams stops both, ends the stream, and exits 0 within seconds."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forge_lm.trainer.serve", str(folder), "--port", "0", "--model-name", NAME,
+         "--log-level", "warning"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = None
+        for line in process.stdout:
+            match = re.search(r"listening on (http://\S+) ", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url is not None, "forge serve did not start"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        stream = client.completions.create(model=NAME, prompt="HAMLET:", max_tokens=200, stream=True)
+        next(iter(stream))  # the reply has started
+        start = time.monotonic()
+        process.send_signal(getattr(signal, signame))
+        assert process.wait(20) == 0
+        assert time.monotonic() - start < 15
+        with pytest.raises(openai.APIError, match="the server is shutting down"):
+            for _ in stream:  # the rest of the stream: an error event, at once, not a hang until a timeout
+                pass
+        assert time.monotonic() - start < 15
+    finally:
+        if process.poll() is None:
+            process.kill()

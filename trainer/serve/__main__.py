@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_lm.trainer.inference import load_model, tokenizer_location
     from forge_lm.trainer.serve.app import Engine
     from forge_lm.trainer.serve.chat import TemplateError
-    from forge_lm.trainer.serve.server import bind, url_of, uvicorn_server
+    from forge_lm.trainer.serve.server import bind, serve_forever, url_of
 
     try:
         model, tokenizer = load_model(
@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"forge serve: listening on {url} (OpenAI API at {url}/v1, chat page at {url}/)", flush=True)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print("forge serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
-    uvicorn_server(engine, log_level).run(sockets=[sock])
+    serve_forever(engine, sock, log_level)
     return 0
 
 

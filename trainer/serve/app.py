@@ -184,14 +184,19 @@ def _no_sink(event: Event) -> None:  # replaced by Engine.submit
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, scheduler_thread: bool = True) -> FastAPI:
+    """The app. scheduler_thread: start the generation loop on a thread of its own with the app (False: the
+    caller runs `engine.scheduler.run()` itself, as `forge serve` does on its main thread)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.scheduler.start()
+        if scheduler_thread:
+            engine.scheduler.start()
         try:
             yield
         finally:
-            engine.scheduler.stop()
+            if scheduler_thread:
+                engine.scheduler.stop()
 
     app = FastAPI(title="forge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Gatekeeper, api_key=engine.config.api_key, metrics=engine.metrics)

@@ -116,14 +116,21 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._running_here = False
         self.failure: Optional[BaseException] = None
         """Set if the loop itself died (then /health reports it)."""
 
     # ---- called from other threads ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Run the loop on a thread of its own (tests, notebooks: the caller keeps its thread)."""
         self._thread = threading.Thread(target=self._loop, name="forge-serve-scheduler", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until `stop()` (`forge serve`: the main thread, which loaded
+        the model; see trainer/serve/__main__.py for why the model stays on that thread)."""
+        self._loop()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -134,7 +141,8 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.failure is None
+        running = self._running_here or (self._thread is not None and self._thread.is_alive())
+        return running and self.failure is None
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue `request`; raises QueueFull when queue_size requests already wait for a slot."""
@@ -157,6 +165,7 @@ class Scheduler:
     # ---- the scheduler thread --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._running_here = True
         try:
             while True:
                 with self._wake:
@@ -176,6 +185,10 @@ class Scheduler:
                     self._finish(row, "error", error=f"the server's generation loop failed: {e}")
             raise
         finally:
+            self._running_here = False
+            for row, running in enumerate(self._rows):  # streams in flight end now, not at HTTP's timeout
+                if running is not None:
+                    self._finish(row, "error", error="the server is shutting down")
             for request in self._take_waiting():
                 request.emit(
                     Event("", [], "error", len(request.prompt_ids), 0, "the server is shutting down")
