@@ -6,7 +6,8 @@
 
 The decode step is the hot loop: it sees the same shapes at every step (the cache is static), so it is
 torch.compile'd once per (batch, cache length) with dynamic=False, and on CUDA captured as a CUDA graph
-(mode="reduce-overhead"), which removes the per-step launch overhead that dominates small-batch decoding.
+(mode="reduce-overhead"), which removes the per-step launch overhead that dominates small-batch decoding
+(trainer/inference/compiled.py).
 Cache lengths are rounded up to a multiple of CACHE_ROUNDING so that nearby request sizes share a graph.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from forge_lm.data.tokenizer import Tokenizer
 from forge_lm.trainer.inference.cache import KVCache
+from forge_lm.trainer.inference.compiled import compile_decode_step, mark_static
 from forge_lm.trainer.inference.sampling import SamplingParams, next_tokens
 from forge_lm.trainer.model import Decoder
 
@@ -61,8 +63,7 @@ class Generator:
         self._cache: Optional[KVCache] = None
         self._decode = self._decode_step
         if self.compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode = torch.compile(self._decode_step, dynamic=False, mode=mode)
+            self._decode = compile_decode_step(self._decode_step, self.device)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -179,14 +180,8 @@ class Generator:
         cache = self._cache
         if cache is None or cache.batch_size != batch_size or cache.max_len != length:
             cache = self._cache = KVCache(self.model.cfg, batch_size, length, self.device, self.dtype)
-            if self.compile and self.device.type == "cuda":
-                # CUDA graphs replay fixed addresses: tell the compiler these tensors never move, so the
-                # in-place cache writes are not treated as copies of fresh inputs.
-                for layer in cache.layers:
-                    torch._dynamo.mark_static_address(layer.k)
-                    torch._dynamo.mark_static_address(layer.v)
-                torch._dynamo.mark_static_address(cache.pad)
-                torch._dynamo.mark_static_address(cache.slot)
+            if self.compile:
+                mark_static([t for layer in cache.layers for t in (layer.k, layer.v)] + [cache.pad, cache.slot])
         return cache
 
     # ---- checks and text -------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from forge_lm.trainer.inference.cache import KVCache
+from forge_lm.trainer.inference.compiled import compile_decode_step, mark_static
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.model.config import ModelConfig
 
@@ -148,13 +149,8 @@ class SlotDecoder:
             buckets = slots.bit_length() + 1
             limit = max(torch._dynamo.config.recompile_limit, buckets + 2)
             torch._dynamo.config.recompile_limit = limit
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self._decode_step, dynamic=False, mode=mode)
-            if self.device.type == "cuda":
-                for layer in self.cache.layers:
-                    torch._dynamo.mark_static_address(layer.k)
-                    torch._dynamo.mark_static_address(layer.v)
-                torch._dynamo.mark_static_address(self.cache.pos)
+            self._step = compile_decode_step(self._decode_step, self.device)
+            mark_static([t for layer in self.cache.layers for t in (layer.k, layer.v)] + [self.cache.pos])
 
     @torch.no_grad()
     def prefill(self, row: int, prompt: Sequence[int]) -> torch.Tensor:
