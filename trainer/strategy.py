@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,6 +44,8 @@ class Strategy(ABC):
     """The group over which tokens are counted (None: all ranks, or no process group)."""
     runs_schedule: bool = False
     """True when a pipeline schedule runs forward and backward of all micro-batches itself (`schedule_step`)."""
+    can_skip_steps: bool = False
+    """True when `optimizer_step` can drop an update on the device as `judge` decides (trainer.spike)."""
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         """Entered around each micro-batch's forward and backward (loss parallelism needs both inside)."""
@@ -71,13 +74,17 @@ class Strategy(ABC):
 
     def schedule_step(
         self, micro_batches: list[dict[str, torch.Tensor]], scale: torch.Tensor
-    ) -> torch.Tensor:
-        """Pipelines only: forward and backward of all micro-batches; returns the summed token loss."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pipelines only: forward and backward of all micro-batches; returns the global summed token loss and
+        the auxiliary losses (MoE; {} for dense models) averaged over micro-batches and data-parallel ranks."""
         raise NotImplementedError
 
     @abstractmethod
-    def optimizer_step(self) -> torch.Tensor:
-        """Clip, step the optimizers and schedules, clear gradients; returns the global gradient norm."""
+    def optimizer_step(self, judge: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Clip, step the optimizers and schedules, clear gradients; returns the global gradient norm.
+
+        judge (only where `can_skip_steps`): called with the global gradient norm before the update, returns
+        a 0-dim float tensor on the device, 1.0 to drop this update on every rank (trainer/spike.py)."""
 
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Evaluation forward (no grad, eval mode): the summed token loss of one batch, the same on every rank."""
