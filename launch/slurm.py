@@ -133,7 +133,7 @@ fi
 stopped=""
 if [ -e "${requeue_env}" ]; then
     stopped=$(cat "${requeue_env}")
-    echo "[launch] the trainer stopped with a complete checkpoint: $stopped"
+    echo "[launch] the trainer asked to be requeued (a stop with a complete checkpoint, or a lost peer): $stopped"
     echo "[launch] (its exit status 75 means 'requeue me'; torchrun and srun report it as a failure above)"
 fi
 # SIGTERM to this script: scancel, the time limit, or the end of a preemption's grace time. A cancelled job

@@ -21,6 +21,7 @@ steps) still stops every rank after the same step. The requeued job resumes from
 Environment (set by the SLURM batch script; all optional):
     TRAINER_STOP_FILE       a path: once it exists, stop (the batch script creates it on SIGUSR1/SIGTERM)
     TRAINER_REQUEUE_FILE    a path that rank 0 writes when it stopped to be requeued, for the batch script
+                            (any rank writes it when a peer died or went silent: trainer.parallel.liveness)
     TRAINER_TIME_BUDGET_S   wall-clock budget in seconds (used when the config sets none)
     SLURM_RESTART_COUNT     how many times SLURM has requeued this job (unset on the first run)
 """
@@ -185,11 +186,19 @@ class StopSignal:
     def mark_requeue(self, step: int, checkpoint: Optional[os.PathLike | str] = None) -> None:
         """Rank 0 tells the batch script that the run stopped at `step` with a complete checkpoint and wants to
         be requeued (writes $TRAINER_REQUEUE_FILE, if set). Call it after the checkpoint is complete."""
-        path = os.environ.get(REQUEUE_FILE_ENV)
-        if not path or int(os.environ.get("RANK", "0")) != 0:
+        if int(os.environ.get("RANK", "0")) != 0:
             return
-        record = {"step": step, "reason": self.reason, "checkpoint": str(checkpoint) if checkpoint else None}
-        tmp = Path(f"{path}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, path)
+        checkpoint = str(checkpoint) if checkpoint else None
+        write_requeue_file({"step": step, "reason": self.reason, "checkpoint": checkpoint})
+
+
+def write_requeue_file(record: dict) -> None:
+    """Tell the batch script to requeue the job: `record` as JSON in $TRAINER_REQUEUE_FILE (nothing if unset).
+    Atomic, and safe when several ranks write it at once (trainer.parallel.liveness: every survivor does)."""
+    path = os.environ.get(REQUEUE_FILE_ENV)
+    if not path:
+        return
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)

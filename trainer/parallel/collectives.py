@@ -10,10 +10,19 @@ waits for the GPU, while tensors already on the GPU take NCCL.
 Outside torch.distributed (a single process started without torchrun) every function is the identity: a
 sum over one rank is the value itself. tests/unit/test_collectives.py fails if any other module of the
 package calls a torch.distributed collective directly.
+
+No collective waits longer than `parallel.collective_timeout_s` (`set_timeout`, applied to every group), so a
+peer that hangs ends the run instead of holding the allocation. Where ranks legitimately wait longer for one
+rank's solo work (rank 0 preparing the data, publishing a checkpoint, exporting at the end) they meet in
+`wait_for_all` instead: through the rendezvous store, for as long as trainer.parallel.liveness sees every
+peer alive.
 """
 
 from __future__ import annotations
 
+import datetime
+import time
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -23,6 +32,11 @@ from torch.profiler import record_function
 ProcessGroup = Optional[dist.ProcessGroup]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+_timeout: Optional[datetime.timedelta] = None
+"""parallel.collective_timeout_s once `set_timeout` ran: groups made later get it too."""
+_waits = 0
+"""How many `wait_for_all` this process has passed (every rank counts the same: they name the store keys)."""
 
 
 def active() -> bool:
@@ -124,7 +138,81 @@ def recv_tensor(src: int, device: torch.device, group: ProcessGroup = None) -> t
     return value.to(device)
 
 
+def all_to_all(
+    rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group: ProcessGroup = None
+) -> torch.Tensor:
+    """Rank i sends its next `send_counts[j]` rows to rank j and receives `recv_counts[j]` rows from rank j,
+    in rank order (expert parallelism's token exchange, trainer/parallel/moe_parallel.py). Differentiable:
+    the gradient travels the same way back, with the counts swapped."""
+    if not active():
+        return rows
+    return _AllToAll.apply(rows, send_counts, recv_counts, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, send_counts, recv_counts, group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        return _exchange(rows, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return _exchange(grad, recv_counts, send_counts, ctx.group), None, None, None
+
+
+def _exchange(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], group: ProcessGroup) -> torch.Tensor:
+    device = group_device(group, prefer_cuda=rows.device.type == "cuda")
+    out = torch.empty((sum(recv_counts), *rows.shape[1:]), dtype=rows.dtype, device=device)
+    with record_function("forge/all_to_all"):
+        dist.all_to_all_single(out, rows.contiguous().to(device), recv_counts, send_counts, group=group)
+    return out.to(rows.device)
+
+
 def new_cpu_group() -> ProcessGroup:
     """A gloo group over all ranks, for work that must not share a queue with training collectives
     (background checkpoint writes would interleave with them and hang)."""
-    return dist.new_group(backend="gloo") if active() else None
+    return dist.new_group(backend="gloo", timeout=_timeout) if active() else None
+
+
+def set_timeout(seconds: float, groups: Iterable[dist.ProcessGroup] = ()) -> None:
+    """Bound every collective of the default group and of `groups` (and of groups made later through this
+    module) by `seconds`. torch gives a group made without a timeout its backend's default (30 min for gloo,
+    10 for NCCL), not the default group's, so every group is set explicitly."""
+    global _timeout
+    _timeout = datetime.timedelta(seconds=seconds)
+    for group in (None, *groups):
+        bound(group)
+
+
+def bound(group: ProcessGroup) -> ProcessGroup:
+    """Give `group` (None: the default group) the timeout of `set_timeout`; returns it."""
+    if _timeout is not None and active():
+        dist.distributed_c10d._set_pg_timeout(_timeout, group)
+    return group
+
+
+def wait_for_all(what: str = "") -> None:
+    """A barrier without a time limit, through the rendezvous store: for the waits on one rank's solo work,
+    which may last longer than the collective timeout. A peer that dies or stops meanwhile is noticed by the
+    liveness watchdog (trainer.parallel.liveness), which ends the process; without it (no multi-rank group)
+    there is nothing to wait for. `what` only names the wait for a reader of a stack dump."""
+    global _waits
+    if not active() or dist.get_world_size() < 2:
+        return
+    from forge_lm.trainer.parallel.liveness import forge_store
+
+    store, world = forge_store(), dist.get_world_size()
+    _waits += 1
+    key = f"wait/{_waits}"
+    with record_function("forge/wait_for_all"):
+        if store.add(key, 1) == world:  # the last to arrive opens the gate
+            store.set(f"{key}/open", what or "1")
+        pause = 0.001
+        # Polled: a store wait() that times out desynchronises the client.
+        while not store.check([f"{key}/open"]):
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+    if dist.get_rank() == 0 and _waits > 1:  # everyone has left the previous wait to arrive at this one
+        for old in (f"wait/{_waits - 1}", f"wait/{_waits - 1}/open"):
+            store.delete_key(old)
