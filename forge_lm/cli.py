@@ -100,6 +100,10 @@ BENCHMARKS: dict[str, Command] = {
         "forge serve: concurrent streaming clients vs one at a time vs the Generator",
         ("openai", "the openai client", "serve"),
     ),
+    "kills": Command(
+        "forge_lm.tools.kill_campaign:main",
+        "kill -9 campaign: ranks killed at random, every rerun bit-identical to an uninterrupted run",
+    ),
     "posttrain": Command(
         "forge_lm.tools.bench_posttrain:main",
         "the walk-through quickstart -> chat_sft -> chat_dpo -> chat_distill, timed, held-out results",

@@ -92,6 +92,10 @@ _TP_ROWS = re.compile(
     r"(^tok_embeddings\.weight$|^output\.weight$|attention\.w[qkv]\.(weight|bias)$|feed_forward\.w[13]\.weight$)"
 )
 _TP_COLS = re.compile(r"(attention\.wo\.weight$|feed_forward\.w2\.weight$)")
+# MoE experts, [E, hidden, d] (w1, w3) and [E, d, hidden] (w2): split along the hidden size; the router is whole.
+_TP_EXPERTS = re.compile(r"feed_forward\.experts\.w([123])$")
+# Under expert parallelism the same tensors are split along the experts (dim 0) over ep, then FSDP-sharded over
+# the ranks holding the same experts (dp_shard / ep) instead of all of dp_shard.
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -151,7 +155,11 @@ def _param_specs(model_cfg, n_stages: int) -> list[ParamSpec]:
 def _tp_local_shape(spec: ParamSpec, tp: int, tp_rank: int) -> tuple[int, ...]:
     shape = list(spec.shape)
     if tp > 1:
-        if _TP_ROWS.search(spec.name) and shape:
+        expert = _TP_EXPERTS.search(spec.name)
+        if expert:
+            hidden_dim = 2 if expert.group(1) == "2" else 1
+            shape[hidden_dim] = _chunk(shape[hidden_dim], tp, tp_rank)
+        elif _TP_ROWS.search(spec.name) and shape:
             shape[0] = _chunk(shape[0], tp, tp_rank)
         elif _TP_COLS.search(spec.name) and len(shape) > 1:
             shape[1] = _chunk(shape[1], tp, tp_rank)
@@ -180,6 +188,8 @@ class RankState:
     """Elements of this rank's root FSDP2 unit (embedding, final norm, output) before sharding (after TP)."""
     local_unsharded: int = 0
     """Elements of all parameters this rank's stages hold, after TP, before FSDP2 sharding."""
+    experts: int = 0
+    """Of params + grads + optimizer: the bytes of the MoE experts this rank holds (after ep and FSDP2)."""
     layers: list[int] = field(default_factory=list)
     """Transformer layers this rank runs, in order."""
     has_head: bool = False
@@ -212,12 +222,17 @@ def rank_state(cfg: Config, rank: int, specs: Optional[list[ParamSpec]] = None) 
     stages = stage_ids_for_rank(p, pp_i) if p.pp > 1 else [0]
     fsdp = _uses_fsdp(p)
     shard = p.dp_shard if fsdp else 1
-    params = grads = optim = n_tensors = root = local = 0
+    params = grads = optim = n_tensors = root = local = experts = 0
     blocks: dict[int, int] = {}
     for spec in specs:
         if spec.stage not in stages:
             continue
         shape = _tp_local_shape(spec, p.tp, tp_i)
+        expert = _TP_EXPERTS.search(spec.name) is not None
+        # dp_shard = expert_dp x ep, row-major (trainer.parallel.mesh): this rank's experts, then their shard.
+        spec_shard, spec_dps = (shard // p.ep, dps_i // p.ep) if expert and fsdp else (shard, dps_i)
+        if expert and p.ep > 1:
+            shape = (_chunk(shape[0], p.ep, dps_i % p.ep), *shape[1:])
         full = _numel(shape)
         local += full
         if spec.in_block:
@@ -226,8 +241,8 @@ def rank_state(cfg: Config, rank: int, specs: Optional[list[ParamSpec]] = None) 
             root += full
         if fsdp and shape:
             rows = shape[0]
-            padded = _chunk(rows, shard, 0) * _numel(shape[1:])  # every shard is padded to the first's size
-            held = _chunk(rows, shard, dps_i) * _numel(shape[1:])
+            padded = _chunk(rows, spec_shard, 0) * _numel(shape[1:])  # every shard is padded to the first's size
+            held = _chunk(rows, spec_shard, spec_dps) * _numel(shape[1:])
         else:
             padded = held = full
         params += 4 * padded
@@ -236,6 +251,8 @@ def rank_state(cfg: Config, rank: int, specs: Optional[list[ParamSpec]] = None) 
             # DTensor's embedding backward leaves the row-sharded embedding with a replicated (whole) gradient
             grads += 4 * (_numel(spec.shape) - padded)
         optim += 2 * 4 * held + 4  # exp_avg, exp_avg_sq (fp32) and the step counter
+        if expert:
+            experts += 2 * 4 * padded + 2 * 4 * held + 4
         n_tensors += 1
     layer_split = split_layers(cfg.model.n_layers, n_stages)
     layers = [i for s in stages for i in layer_split[s]]
@@ -248,6 +265,7 @@ def rank_state(cfg: Config, rank: int, specs: Optional[list[ParamSpec]] = None) 
         grads,
         optim,
         n_tensors,
+        experts=experts,
         block_unsharded=max(blocks.values(), default=0),
         root_unsharded=root,
         local_unsharded=local,
@@ -658,6 +676,7 @@ def render(pl: Plan) -> str:
         f"plan for '{cfg.name}': {launch.nodes} node(s) x {launch.gpus_per_node} {device} "
         f"({pl.device_bytes / GIB:.1f} GiB each{peak}) = {pl.world_size} ranks",
         f"  mesh        pp={p.pp} x dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x tp={p.tp}"
+        + (f" (ep={p.ep}: experts split over {p.ep} of the dp_shard ranks)" if p.ep > 1 else "")
         + (f"  ({p.pp_schedule}, {p.stages_per_rank} stage(s) per rank)" if p.pp > 1 else "")
         + ("  FSDP2" if _uses_fsdp(p) and t.backend == "torch" else "")
         + (f"  DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.backend == "deepspeed" else ""),
@@ -675,6 +694,9 @@ def render(pl: Plan) -> str:
         f"    parameters       {_gib(m.params)}   fp32 master weights",
         f"    gradients        {_gib(m.grads)}",
         f"    optimizer state  {_gib(m.optimizer)}   AdamW exp_avg + exp_avg_sq",
+        *([f"    experts' share   {_gib(w.experts)}   of the three above: {cfg.model.moe.num_experts // p.ep} of "
+           f"{cfg.model.moe.num_experts} experts per layer on this rank (parallel.ep={p.ep})"]
+          if cfg.model.is_moe else []),
         f"    activations      {_gib(m.activations)}   {t.micro_batch_size * cfg.data.seq_len:,} tokens per micro-batch",
         f"    buffers          {_gib(m.buffers)}   {'gathered parameters and unsharded gradients (FSDP2)' if _uses_fsdp(p) else 'autocast weight copies' if pl.precision == 'bf16' else 'none'}",
         f"    peak (estimate)  {_gib(m.peak)}   of {pl.usable_bytes / GIB:.1f} GiB usable "

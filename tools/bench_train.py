@@ -5,6 +5,8 @@
     forge bench train --preset 1b --seq 4096 --batch 1 --device cuda --no-hf
     torchrun --nproc-per-node 8 -m forge_lm.tools.bench_train --preset 1b --layout parallel.dp_shard=8 --no-hf
     forge bench train --overhead --steps 40              # what the default instrumentation costs a step
+    torchrun --nproc-per-node 2 -m forge_lm.tools.bench_train --model mixtral_tiny --layout parallel.ep=2 \
+        parallel.dp_shard=2 --no-hf                      # MoE: expert-parallel dispatch time beside the step
 
 The framework side is the engine the trainer runs (`forge_lm.trainer.engine.Engine`, built from the same
 config tree, with the chosen layout's code path: `--layout` takes `parallel.*` overrides), once eager and
@@ -18,11 +20,16 @@ CPU). This is a benchmark script, not a test.
 breakdown (trainer/timing.py) and, every `--log-every` steps, reading it and writing the train record to
 metrics.jsonl and TensorBoard, as the training loop does. Blocks of `--log-every` steps alternate between
 the two; the overhead is the median over block pairs of (instrumented / bare - 1).
+
+With `--model` a mixture-of-experts preset and `parallel.ep` > 1 in the layout, each framework line is followed
+by the step's expert-parallel dispatch time (trainer/parallel/moe_parallel.py: the all-to-all exchanges and the
+grouped matmuls over the rank's own experts, forward and backward; median per step, rank 0's).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -39,6 +46,7 @@ from forge_lm.trainer.metrics import device_name, peak_flops
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.optim import build_optimizer
 from forge_lm.trainer.parallel.mesh import init_parallel, shutdown
+from forge_lm.trainer.parallel.moe_parallel import dispatch_timer
 
 PRESETS = {  # Llama-3-style shapes
     "tiny": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=8192),  # ~7M parameters
@@ -50,6 +58,7 @@ PRESETS = {  # Llama-3-style shapes
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--model", default="llama3_tiny", help="the family preset (configs/model), e.g. mixtral_tiny")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="sequences per step on each data-parallel rank")
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
@@ -66,13 +75,15 @@ def main() -> None:
     bf16 = device.type == "cuda"
     shape = [f"model.{k}={v}" for k, v in PRESETS[args.preset].items()]
     base = [
-        "model=llama3_tiny", *shape, f"model.max_seq_len={args.seq}", "model.tie_embeddings=false",
+        f"model={args.model}", *shape, f"model.max_seq_len={args.seq}", "model.tie_embeddings=false",
         f"data.seq_len={args.seq}", f"trainer.micro_batch_size={args.batch}", "trainer.lr=1e-4",
         f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.device={device.type}", *args.layout,
     ]  # fmt: skip
-    cfg = to_config(compose([*base, f"trainer.global_batch_tokens={args.batch * args.seq}"]))
+    # A multiple of every data-parallel size the layout can have (it divides the world size), to learn it.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = to_config(compose([*base, f"trainer.global_batch_tokens={args.batch * args.seq * world}"]))
     dp = cfg.parallel.dp_size
-    if dp > 1:  # one micro-batch per rank and step
+    if dp != world:  # one micro-batch per rank and step
         cfg = to_config(compose([*base, f"trainer.global_batch_tokens={args.batch * args.seq * dp}"]))
     dims = init_parallel(cfg.parallel, device.type)
     if device.type == "cuda":
@@ -105,13 +116,17 @@ def main() -> None:
         for _ in range(args.warmup):
             fn(batch)
     times: dict[str, list[float]] = {k: [] for k in steps}
+    dispatch: dict[str, dict[str, list[float]]] = {k: {} for k in steps}
     for _ in range(args.steps):
         for name, fn in steps.items():
             _sync(device)
+            dispatch_timer.take()
             t0 = time.perf_counter()
             fn(batch)
             _sync(device)
             times[name].append(time.perf_counter() - t0)
+            for what, seconds in dispatch_timer.take().items():
+                dispatch[name].setdefault(what, []).append(seconds)
 
     if dims.is_main:
         n_params, flops = model_info
@@ -132,6 +147,9 @@ def main() -> None:
             print(
                 f"{name:>19}: {rates[name]:>10,.0f} tokens/s | {median * 1e3:8.1f} ms/step (median of {len(ts)}){mfu}"
             )
+            if dispatch[name]:
+                parts = [f"{what} {statistics.median(v) * 1e3:.1f} ms" for what, v in sorted(dispatch[name].items())]
+                print(f"{'':>19}  MoE dispatch per step: {', '.join(parts)} (expert parallelism, rank 0)")
         if "transformers eager" in rates:
             for name in (n for n in rates if n.startswith("framework")):
                 print(f"ratio {name} / transformers eager: {rates[name] / rates['transformers eager']:.2f}x")

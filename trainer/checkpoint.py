@@ -211,7 +211,9 @@ def _is_main() -> bool:
 
 
 def _barrier() -> None:
-    collectives.barrier()
+    # Rank 0 often arrives last, after work of its own (recovery, publishing, pruning: long on a slow file
+    # system): the others wait through the store, without the collective timeout (trainer.parallel.liveness).
+    collectives.wait_for_all("checkpoint")
 
 
 class Checkpointer:
@@ -304,6 +306,7 @@ class Checkpointer:
                 tmp.mkdir()
             except OSError as e:
                 error = e
+        _barrier()  # rank 0 may have removed a large leftover directory
         if collectives.any_rank(error is not None):
             raise CheckpointSaveError(self._explain(step, tmp, error or OSError("see rank 0"), 0))
         return final, tmp
@@ -376,6 +379,7 @@ class Checkpointer:
             action()
         except Exception as e:  # told apart from lack of room or rights in `_failed`
             error = e
+        _barrier()  # the action may be long (checksums, fsync, pruning old checkpoints)
         if collectives.any_rank(error is not None) and error is None:
             error = OSError("another rank could not write its part")
         return error

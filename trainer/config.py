@@ -21,6 +21,7 @@ __all__ = [
     "DeepSpeedConfig",
     "EvalConfig",
     "ParallelConfig",
+    "SpikeConfig",
     "TrainerConfig",
     "WandbConfig",
 ]
@@ -91,6 +92,13 @@ class DebugConfig:
     layer_stats_every: int = 0
     """Also record them every this many steps; 0 (default): only at `layer_stats_steps`. They wait for the
     device and copy the parameters once, so keep them to a few steps."""
+    inject_spike_batches: list[int] = field(default_factory=list)
+    """Fault injection, to see trainer.spike at work: the gradient of these global batches is multiplied by
+    `inject_spike_factor` (the logged loss is not). Batches are numbered along the data stream from 1, so
+    batch n is what step n trains on until a rewind makes the run skip data; a batch the run skipped is not
+    met again, as bad data would not be. [] (default): none."""
+    inject_spike_factor: float = 1.0e4
+    """The factor of `inject_spike_batches`; nan or inf plants a non-finite gradient."""
 
     @property
     def layer_stats_wanted(self) -> bool:
@@ -101,6 +109,50 @@ class DebugConfig:
             raise ConfigError(
                 f"trainer.debug.layer_stats_every={self.layer_stats_every} must be >= 0 and "
                 f"trainer.debug.layer_stats_steps={list(self.layer_stats_steps)} hold steps >= 1, e.g. [1,100]."
+            )
+        if any(b < 1 for b in self.inject_spike_batches):
+            raise ConfigError(
+                f"trainer.debug.inject_spike_batches={list(self.inject_spike_batches)} must hold batch numbers >= 1, "
+                "e.g. [20,21]."
+            )
+
+
+@dataclass
+class SpikeConfig:
+    """What a step whose loss or gradient norm is non-finite or far above its recent values does
+    (trainer/spike.py, README "Loss spikes"): its update is dropped on every rank together, counted and
+    logged; a run of such steps rewinds to the last checkpoint from before them and skips their data."""
+
+    enabled: bool = True
+    """Watch every step. Off: a non-finite loss stops the run at the next log step, as with trainer.backend=
+    deepspeed, whose optimizer steps inside DeepSpeed where an update cannot be dropped (there it is inactive)."""
+    z_threshold: float = 6.0
+    """A step is an outlier when its loss or its gradient norm exceeds the mean of the window by more than this
+    many standard deviations (one-sided: a drop is never an outlier). Non-finite values always are."""
+    window: int = 128
+    """The statistics are those of the last this-many steps whose update was applied."""
+    min_steps: int = 64
+    """No step is judged an outlier before the window holds this many values (non-finite ones still are)."""
+    max_consecutive_skips: int = 5
+    """This many skipped steps in a row rewind the run: it reloads the newest checkpoint saved before them and
+    skips the batches they trained on. The host reads the skips at log steps (trainer.log_every), where it waits
+    for the device anyway, so a run of skips is acted on at the first log step that sees it this long."""
+    max_rewinds: int = 3
+    """Rewinds allowed in a run; one more run of skips stops it with a message saying what was seen. 0: never
+    rewind (the first run of skips stops the run)."""
+
+    def __post_init__(self) -> None:
+        if not self.z_threshold > 0:
+            raise ConfigError(f"trainer.spike.z_threshold={self.z_threshold} must be > 0, e.g. 6.0.")
+        if self.window < 2 or not 2 <= self.min_steps <= self.window:
+            raise ConfigError(
+                f"trainer.spike.window={self.window} and trainer.spike.min_steps={self.min_steps} need "
+                "2 <= min_steps <= window (a standard deviation needs two values), e.g. window=128 min_steps=64."
+            )
+        if self.max_consecutive_skips < 1 or self.max_rewinds < 0:
+            raise ConfigError(
+                f"trainer.spike.max_consecutive_skips={self.max_consecutive_skips} must be >= 1 and "
+                f"trainer.spike.max_rewinds={self.max_rewinds} >= 0, e.g. 5 and 3."
             )
 
 
@@ -168,6 +220,7 @@ class TrainerConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = True
     """Also write the logged scalars (and samples as text) as TensorBoard event files into <run_dir>/tensorboard
@@ -236,7 +289,10 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages (ranks along the layer stack)."""
     ep: int = 1
-    """Expert-parallel degree for mixture-of-experts models (1: experts are not split)."""
+    """Expert-parallel degree for mixture-of-experts models (1: experts are not split). The ep ranks are
+    borrowed from dp_shard: each holds num_experts/ep whole experts, and tokens travel to their experts and
+    back with all-to-all exchanges (trainer/parallel/moe_parallel.py). Must divide dp_shard and
+    model.moe.num_experts; runs with tp and pp, not yet with dp_replicate > 1."""
     sequence_parallel: bool = True
     """With tp > 1, also split norms and residuals along the sequence (saves activation memory)."""
     loss_parallel: bool = True
@@ -249,8 +305,20 @@ class ParallelConfig:
     """torch.compile each transformer block."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3 behaviour); False keeps them until backward."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits for a peer that died or stopped answering before it ends itself (exit status 75,
+    which `forge slurm` requeues; the restart resumes from the last complete checkpoint). It bounds every
+    collective of every process group, and the silence of a peer's heartbeat (trainer.parallel.liveness).
+    Work one rank does alone while the others wait (data preparation, checkpoint publication, the final
+    export) may take longer: that wait goes through the store and lasts as long as the rank is alive.
+    Raise it if one step, evaluation or checkpoint write can leave ranks this far apart."""
 
     def __post_init__(self) -> None:
+        if not self.collective_timeout_s >= 5:
+            raise ConfigError(
+                f"parallel.collective_timeout_s={self.collective_timeout_s} is too short to tell a slow rank from a "
+                "dead one: use at least 5 seconds (the default is 600)."
+            )
         for name in ("dp_replicate", "tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1.")
@@ -273,8 +341,17 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.activation_checkpointing={self.activation_checkpointing!r}: use 'none', 'full' or 'selective'."
             )
-        if self.ep != 1:
-            raise ConfigError("parallel.ep > 1 (expert parallelism) is not available yet: use parallel.ep=1.")
+        if self.ep > 1 and self.dp_shard % self.ep:
+            raise ConfigError(
+                f"parallel.ep={self.ep} must divide parallel.dp_shard={self.dp_shard} (expert parallelism borrows "
+                f"its ranks from the sharded data-parallel ones): choose parallel.ep among "
+                f"{[d for d in range(1, self.dp_shard + 1) if self.dp_shard % d == 0]}."
+            )
+        if self.ep > 1 and self.dp_replicate > 1:
+            raise ConfigError(
+                f"parallel.ep={self.ep} borrows its ranks from parallel.dp_shard and does not run with HSDP yet: set "
+                "parallel.dp_replicate=1 (and raise parallel.dp_shard), or parallel.ep=1."
+            )
 
     @property
     def world_size(self) -> int:
@@ -417,23 +494,35 @@ class Config:
                 "trainer.backend=deepspeed runs ZeRO data parallelism only: set parallel.tp=1, parallel.pp=1 and "
                 "parallel.dp_replicate=1 (use trainer.backend=torch for tensor/pipeline parallelism)."
             )
+        # Each tensor-parallel rank holds whole heads and a slice of the MLP's (or each expert's) hidden size.
+        tp_values = [
+            d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0 and m.ffn_dim % d == 0
+        ]
         if m.n_heads % p.tp or m.n_kv_heads % p.tp:
             raise ConfigError(
                 f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}: "
-                "each tensor-parallel rank holds whole heads. Choose tp among their common divisors: "
-                f"{[d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0]}."
+                f"each tensor-parallel rank holds whole heads. Choose parallel.tp among {tp_values}."
             )
         if p.tp > 1 and m.ffn_dim % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} must divide model.ffn_dim={m.ffn_dim}.")
-        if (p.tp > 1 or p.pp > 1) and m.moe.num_experts > 0:
+            hidden = "each expert's hidden size" if m.is_moe else "the MLP's hidden size"
             raise ConfigError(
-                "mixture-of-experts models train with data parallelism (FSDP) only for now: set parallel.tp=1 and "
-                "parallel.pp=1."
+                f"parallel.tp={p.tp} must divide model.ffn_dim={m.ffn_dim} ({hidden}, split across the "
+                f"tensor-parallel ranks): choose parallel.tp among {tp_values}, or change model.ffn_dim."
             )
-        if p.pp > 1 and self.data.document_masking:
-            raise ConfigError(
-                "data.document_masking=true is not carried between pipeline stages yet: set it to false or parallel.pp=1."
-            )
+        if p.ep > 1:
+            if not m.is_moe:
+                raise ConfigError(
+                    f"parallel.ep={p.ep} splits the experts of a mixture-of-experts model, but model.moe.num_experts=0: "
+                    "set parallel.ep=1."
+                )
+            if m.moe.num_experts % p.ep:
+                raise ConfigError(
+                    f"parallel.ep={p.ep} must divide model.moe.num_experts={m.moe.num_experts} (each rank holds "
+                    f"whole experts): choose parallel.ep among "
+                    f"{[d for d in range(1, p.dp_shard + 1) if p.dp_shard % d == 0 and m.moe.num_experts % d == 0]}."
+                )
+            if self.trainer.backend == "deepspeed":
+                raise ConfigError(f"parallel.ep={p.ep} needs trainer.backend=torch (or parallel.ep=1).")
         if p.pp > 1:
             stages = p.pp * p.stages_per_rank
             if stages > m.n_layers:

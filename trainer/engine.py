@@ -12,8 +12,9 @@ reads them at its log steps (tests/unit/test_host_syncs.py counts).
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,10 +30,13 @@ from forge_lm.trainer.model.moe import update_expert_biases
 from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.profiling import phase
+from forge_lm.trainer.spike import SpikeGuard
 from forge_lm.trainer.strategy import Strategy, model_inputs, to_device, wants_bf16
 from forge_lm.trainer.timing import StepClock
 
 __all__ = ["Engine", "build_strategy", "model_inputs", "to_device", "wants_bf16"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_strategy(cfg: Config, dims: ParallelDims, device: torch.device, model: Decoder) -> Strategy:
@@ -59,6 +63,15 @@ class Engine:
         """Where the steps' time goes; the training loop reads it at log steps (trainer/timing.py)."""
         self.objective: Optional[Any] = None
         """A loss other than the token loss (posttrain.objective=dpo: trainer/posttrain/dpo.py), or None."""
+        self.spike: Optional[SpikeGuard] = None
+        """Judges every step and drops outlier or non-finite updates on the device (trainer.spike), or None."""
+        if cfg.trainer.spike.enabled and self.strategy.can_skip_steps:
+            self.spike = SpikeGuard(cfg.trainer.spike, device)
+        elif cfg.trainer.spike.enabled:
+            logger.info(
+                "trainer.spike is inactive with trainer.backend=%s: it steps the optimizer itself, so an update "
+                "cannot be dropped; a non-finite loss stops the run instead", cfg.trainer.backend,
+            )  # fmt: skip
 
     # What the loop and the tools read.
     @property
@@ -75,12 +88,18 @@ class Engine:
 
     # ---- one optimizer step ----------------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """Forward and backward over this rank's micro-batches, clip, step.
+    def train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], grad_factor: Optional[float] = None
+    ) -> dict[str, Any]:
+        """Forward and backward over this rank's micro-batches, clip, step (or drop the step: trainer.spike).
 
         Returns the global mean token loss, the gradient norm, MoE statistics and the global token count as
         tensors on the device, and the learning rate as a float: nothing here waits for the device (no
-        `.item()`), so the host runs ahead; the training loop reads the values at its log steps.
+        `.item()`), so the host runs ahead; the training loop reads the values at its log steps. With
+        trainer.spike, "spike" is the step's verdict (trainer/spike.py: VERDICT), read by the loop's monitor.
+
+        grad_factor: fault injection (trainer.debug.inject_spike_batches): back-propagate the loss times this,
+        a planted gradient spike; the returned loss is the true one.
         """
         s = self.strategy
         self.steps_done += 1
@@ -89,7 +108,7 @@ class Engine:
         stats = self.layer_stats if self.layer_stats and self.layer_stats.due(self.steps_done) else None
         micro_batches = [to_device(b, self.device) for b in micro_batches]
         if self.objective is not None:
-            return self._objective_step(micro_batches)
+            return self._objective_step(micro_batches, grad_factor)
         n_local = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()
         with self.clock.device("comm"):
             n_global = collectives.all_reduce(n_local.float(), group=s.dp_group)
@@ -97,13 +116,16 @@ class Engine:
         # strategy sums token losses and the engine divides by the global token count. Strategies average
         # gradients over their data-parallel ranks, hence * dp_size.
         scale = s.dp_size / n_global
+        if grad_factor is not None:
+            scale = scale * grad_factor
         lr = s.optimizers[0].param_groups[0]["lr"]
         out: dict[str, Any] = {}
         if stats is not None:
             stats.watch(s.parts)
         if s.runs_schedule:
             with phase("pipeline_schedule"), self.clock.device("fwd_bwd"):  # every micro-batch, interleaved
-                loss_sum = s.schedule_step(micro_batches, scale)
+                loss_sum, aux_losses = s.schedule_step(micro_batches, scale)
+            out.update(aux_losses)
         else:
             loss_sum = torch.zeros((), device=self.device)
             aux_sums: dict[str, torch.Tensor] = {}
@@ -126,16 +148,33 @@ class Engine:
                 loss_sum = collectives.all_reduce(loss_sum, group=s.dp_group)
         if stats is not None:
             stats.before_update(s.parts)
+        loss = loss_sum / n_global
         with phase("optimizer"), self.clock.device("optimizer"):
-            grad_norm = s.optimizer_step()
+            grad_norm = s.optimizer_step(self._judge(loss, out))
             load = self._balance_experts()
         if load is not None:
             out["moe_load_max_over_mean"] = load
         if stats is not None:
             self.last_layer_stats = stats.after_update(s.parts)
-        return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
+        return {"loss": loss, **out, "grad_norm": grad_norm, "lr": lr, "tokens": n_global}
 
-    def _objective_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def _judge(
+        self, loss: torch.Tensor, out: dict[str, Any]
+    ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """trainer.spike: what decides, from the loss and the gradient norm, whether the update is dropped (it
+        puts its verdict into `out["spike"]`); None when the policy is inactive."""
+        if self.spike is None:
+            return None
+
+        def judge(grad_norm: torch.Tensor) -> torch.Tensor:
+            out["spike"] = self.spike.judge(loss, grad_norm)
+            return self.spike.found_inf
+
+        return judge
+
+    def _objective_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], grad_factor: Optional[float] = None
+    ) -> dict[str, Any]:
         """A step of `self.objective` (DPO): its summed loss over the global count of its units (pairs), its
         metrics averaged the same way. One model part, no pipeline schedule (the objective refuses those)."""
         s, objective = self.strategy, self.objective
@@ -144,6 +183,8 @@ class Engine:
         with self.clock.device("comm"):
             n_global, tokens = collectives.all_reduce(torch.stack([units, tokens]), group=s.dp_group).unbind()
         scale = s.dp_size / n_global
+        if grad_factor is not None:  # fault injection, as in train_step
+            scale = scale * grad_factor
         lr = s.optimizers[0].param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
@@ -159,12 +200,13 @@ class Engine:
         with self.clock.device("comm"):
             loss_sum = collectives.all_reduce(loss_sum, group=s.dp_group)
             out = {name: collectives.all_reduce(v, group=s.dp_group) / n_global for name, v in sums.items()}
+        loss = loss_sum / n_global
         with phase("optimizer"), self.clock.device("optimizer"):
-            grad_norm = s.optimizer_step()
+            grad_norm = s.optimizer_step(self._judge(loss, out))
             load = self._balance_experts()
         if load is not None:
             out["moe_load_max_over_mean"] = load
-        return {"loss": loss_sum / n_global, **out, "grad_norm": grad_norm, "lr": lr, "tokens": tokens}
+        return {"loss": loss, **out, "grad_norm": grad_norm, "lr": lr, "tokens": tokens}
 
     @torch.no_grad()
     def evaluate_objective(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -198,7 +240,12 @@ class Engine:
             for part in self.strategy.parts
         ]
         loads = [x for x in loads if x is not None]
-        return torch.stack(loads).max() if loads else None
+        if not loads:
+            return None
+        load = torch.stack(loads).max()
+        if self.dims.cfg.pp > 1:  # each pipeline rank holds only its own stages' layers: the worst of all
+            collectives.all_reduce(load, op="max", group=self.dims.group("pp"))
+        return load
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
@@ -230,13 +277,18 @@ class Engine:
         """The train state every checkpoint holds (step, RNG, schedule, loader, metadata) and the strategy's
         model and optimizer files, completed atomically by the checkpointer."""
         state = {"scheduler": self.strategy.schedulers[0].state_dict(), **train_state}
+        # trainer.spike's window of recent steps, so a resumed run judges as this one would (None: inactive;
+        # the key is there either way, so every backend's checkpoint holds the same train state).
+        state["spike_window"] = self.spike.state_dict() if self.spike is not None else None
         return self.strategy.save(checkpointer, step, state)
 
     def load(self, path: Path) -> dict[str, Any]:
         state = self.strategy.load(Path(path))
         self.steps_done = state["step"]
+        if self.spike is not None:
+            self.spike.load_state_dict(state.get("spike_window"))
         for scheduler, optimizer in zip(self.strategy.schedulers, self.strategy.optimizers):
-            scheduler.load_state_dict(state["scheduler"])
+            scheduler.load_state_dict(_schedule_for_groups(state["scheduler"], len(optimizer.param_groups)))
             # The learning rate of the next step comes from the schedule, whatever the optimizer state held.
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
                 group["lr"] = lr
@@ -245,6 +297,18 @@ class Engine:
     def full_model(self, checkpoint: Optional[Path]) -> Optional[Decoder]:
         """An unsharded copy of the model for export and sampling (rank 0; None on the others)."""
         return self.strategy.full_model(checkpoint)
+
+
+def _schedule_for_groups(saved: dict[str, Any], n_groups: int) -> dict[str, Any]:
+    """The saved schedule state for an optimizer of `n_groups` parameter groups. A layout whose optimizer
+    splits its groups by mesh (trainer/optim.py) has more of them than one that does not; every group follows
+    the same schedule from the same peak, so the first group's entries stand for all."""
+    n_saved = len(saved["base_lrs"])
+    if n_saved == n_groups:
+        return saved
+    return {
+        k: [v[0]] * n_groups if isinstance(v, list) and len(v) == n_saved else v for k, v in saved.items()
+    }
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

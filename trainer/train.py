@@ -43,10 +43,11 @@ from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.eval.validation import build_val_sets
 from forge_lm.trainer.metrics import MetricsLogger, device_name, peak_flops, peak_memory_gib
 from forge_lm.trainer.model import Decoder
-from forge_lm.trainer.parallel import collectives
+from forge_lm.trainer.parallel import collectives, liveness
 from forge_lm.trainer.parallel.mesh import ParallelDims, init_parallel, shutdown
 from forge_lm.trainer.preemption import REQUEUE_EXIT_CODE, StopSignal, restart_count, restart_message
 from forge_lm.trainer.profiling import StepProfiler, phase
+from forge_lm.trainer.spike import SpikeMonitor
 from forge_lm.trainer.timing import breakdown_record
 
 logger = logging.getLogger("forge_lm.trainer")
@@ -93,6 +94,7 @@ def prepare_data(cfg: Config, dims: ParallelDims) -> Tokenizer:
         except (DataError, ConfigError) as e:
             error = e
     if dims.distributed:
+        collectives.wait_for_all("data preparation on rank 0")  # may take hours: no collective timeout
         shared = collectives.broadcast_object(str(error) if error else None, src=0)
         if shared is not None and error is None:
             raise DataError(shared)
@@ -105,9 +107,10 @@ def run(cfg: Config, resolved_yaml: Optional[str] = None) -> RunResult:
     """Train according to `cfg`. Safe to call again on the same run_dir: it resumes.
 
     Every process started by torchrun calls this; a single-device run is the 1-process case. While it
-    runs, SIGUSR1 and SIGTERM make it stop cleanly after the current step (trainer.preemption).
+    runs, SIGUSR1 and SIGTERM make it stop cleanly after the current step (trainer.preemption). An error it
+    dies of is recorded for the other ranks, which then end too (trainer.parallel.liveness).
     """
-    with StopSignal(cfg.trainer.time_budget_s) as stop_signal:
+    with StopSignal(cfg.trainer.time_budget_s) as stop_signal, liveness.tell_peers_on_failure():
         return _run(cfg, resolved_yaml, stop_signal)
 
 
@@ -115,6 +118,10 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
     started = time.perf_counter()
     dims = init_parallel(cfg.parallel, "cuda" if resolve_device(cfg).type == "cuda" else "cpu")
     device = resolve_device(cfg, dims.local_rank)
+    # torch seeds its global generator differently in every process: seed it, so that anything drawing from it
+    # is the same in every run, and the state a checkpoint saves (rank 0's, restored on every rank) is the one
+    # every rank of an uninterrupted run has.
+    torch.manual_seed(cfg.trainer.seed)
     if not dims.is_main:  # one voice in the console: rank 0 logs, the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(cfg.run_dir)
@@ -158,6 +165,13 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         on_save_error=cfg.trainer.on_save_error,
     )
 
+    # Loss spikes and non-finite steps (trainer.spike): the engine drops their updates on the device; this
+    # host half reads the verdicts at log steps, rewinds past a run of them and skips their data.
+    samples_per_step = cfg.trainer.micro_batch_size * cfg.grad_accum_steps * dims.dp_size
+    spikes = SpikeMonitor(
+        cfg.trainer.spike, cfg.trainer.debug, samples_per_step, active=engine.spike is not None
+    )
+
     # -- resume --
     step, initial_val_loss = 0, None
     resume_from = _checkpoint_to_resume(cfg, checkpointer.root)
@@ -167,6 +181,8 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
         initial_val_loss = state["extra"].get("initial_val_loss")
+        spikes.load_state_dict(state.get("spike"))
+        spikes.loaded(resume_from, step)
     if resume_from is not None or restart_count() > 0:
         logger.info(restart_message(step, resume_from))
 
@@ -252,7 +268,9 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             "model_config": dataclasses.asdict(cfg.model),
             "tokenizer_path": str(Path(cfg.data.tokenizer.path).resolve()),
         }
-        return engine.save(checkpointer, at_step, {"loader": loader.state_dict(), "extra": extra})
+        spikes.read(log)  # every skipped step so far counted, so a resume continues the count
+        state = {"loader": loader.state_dict(), "extra": extra, "spike": spikes.state_dict()}
+        return engine.save(checkpointer, at_step, state)
 
     last_checkpoint = None
     exit_early = stopped = False
@@ -273,9 +291,12 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
         while step < cfg.trainer.max_steps:
             profiler.before(step + 1)
             with phase("data"), engine.clock.host("data"):
+                spikes.skip_windows(loader, accum)  # data that made earlier steps skip, before a rewind
+                first_sample = loader.samples_seen
                 batches = [next(loader) for _ in range(accum)]
-            out = engine.train_step(batches)
+            out = engine.train_step(batches, grad_factor=spikes.planted_factor(first_sample))
             step += 1
+            spikes.record(step, out.pop("spike", None), first_sample, loader.samples_seen)
             profiler.after(step)
             if engine.last_layer_stats is not None:
                 log(step, engine.last_layer_stats, "layer_stats")
@@ -288,7 +309,21 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             if log_now or periodic:  # the health check before a checkpoint is written, too
                 out = {k: _host(v) for k, v in out.items()}
                 loss = out["loss"]
-                if not math.isfinite(loss):
+                # trainer.spike: log the steps skipped since the last read; after a run of them, go back to a
+                # checkpoint from before it (the monitor then skips their data), or stop saying what was seen.
+                if spikes.review(log):
+                    checkpointer.wait()
+                    target = spikes.rewind(checkpointer.root, log)
+                    state = engine.load(target.path)
+                    loader.load_state_dict(state["loader"])
+                    ckpt.set_rng_state(state["rng"])
+                    step = state["step"]
+                    bar.n = step
+                    bar.refresh()
+                    engine.clock.read()  # the steps are redone: time them afresh
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, None
+                    continue
+                if not spikes.active and not math.isfinite(loss):  # nothing skipped it: stop
                     raise FloatingPointError(
                         f"loss is {loss} at step {step}: lower trainer.lr or check the data."
                     )
@@ -311,6 +346,8 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
                 }
                 record.update(breakdown_record(times, steps_timed))
                 record["data_wait_fraction"] = data_share
+                if spikes.active:
+                    record["skipped_steps"] = spikes.skipped_total
                 record.update({k: v for k, v in out.items() if k.startswith(("moe_", "rewards/", "logps/", "distill/"))})
                 if peak is not None:
                     record["mfu"] = flops_per_token * tokens_per_s / (peak * dims.world_size)
@@ -337,7 +374,9 @@ def _run(cfg: Config, resolved_yaml: Optional[str], stop_signal: StopSignal) -> 
             exit_early = stopped or (
                 cfg.trainer.exit_at_step > 0 and step == cfg.trainer.exit_at_step < cfg.trainer.max_steps
             )
-            if periodic or exit_early or step == cfg.trainer.max_steps:
+            # No periodic checkpoint in the middle of a run of skipped steps: a rewind needs one from before it,
+            # and keep_last would otherwise prune those.
+            if (periodic and not spikes.in_streak) or exit_early or step == cfg.trainer.max_steps:
                 with engine.clock.host("checkpoint"):
                     last_checkpoint = save(step)
             window_start += time.perf_counter() - paused
@@ -557,6 +596,10 @@ def main(dcfg: DictConfig) -> Any:
     except (DataError, ckpt.CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if liveness.peer_failure(e):  # another rank died or went silent: one line, exit 75 (requeue)
+            liveness.exit_for_collective_error(e)
+        raise
     if result.stopped_for_requeue:
         sys.exit(REQUEUE_EXIT_CODE)
     return result.final_val_loss

@@ -43,6 +43,22 @@ BASE_OVERRIDES = [
 ]
 
 
+# Paragraphs of the CPython modules as documents (and only two Shakespeare scenes), packed best-fit: about a
+# third of the rows then hold more than one document, so document masking changes what tokens attend to.
+SHORT_DOCUMENTS = ["data.sources.0.max_documents=2", "data.sources.1.text_split=paragraph", "data.packing=best_fit"]
+
+
+def rows_with_several_documents(output_root: Path) -> float:
+    """The fraction of the prepared training rows under `output_root` that hold more than one document."""
+    from forge_lm.data.loader import collate
+    from forge_lm.data.shards import ShardDataset
+
+    (manifest,) = (output_root / "prepared").glob("*/train/manifest.json")
+    rows = ShardDataset(manifest.parent)
+    document_ids = collate(rows.take(list(range(len(rows)))))["document_ids"]
+    return (document_ids.max(dim=1).values > 0).float().mean().item()
+
+
 def replace_overrides(base: list[str], *changes: str) -> list[str]:
     """`base` with the value of each `key=value` in `changes` replaced (or appended when new)."""
     out = dict(o.split("=", 1) for o in base)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.conftest import assert_same_losses, losses, run_ok
+from tests.distributed.conftest import (
+    SHORT_DOCUMENTS,
+    assert_same_losses,
+    losses,
+    rows_with_several_documents,
+    run_ok,
+)
 
 LAYOUTS = {
     # name: (processes, overrides)
@@ -49,3 +55,15 @@ def test_padded_batches_weigh_every_token_alike_under_pipeline_parallelism(tmp_p
     got = run_ok(2, tmp_path, "best_fit_pp2", *best_fit, "parallel.pp=2", "parallel.dp_shard=1",
                  "parallel.pp_schedule=1F1B")  # fmt: skip
     assert_same_losses(got, want)
+
+
+def test_document_masking_crosses_pipeline_stages(tmp_path):
+    """Every stage gets each micro-batch's document ids, so packed documents are masked and positioned on every
+    stage as in one process (training and validation)."""
+    masked = [*SHORT_DOCUMENTS, "data.document_masking=true"]
+    want = run_ok(1, tmp_path, "masked_reference", *masked)
+    assert rows_with_several_documents(tmp_path) > 0.2, "too few packed rows for masking to matter"
+    got = run_ok(2, tmp_path, "masked_pp2", *masked, "parallel.pp=2", "parallel.dp_shard=1",
+                 "parallel.pp_schedule=1F1B")  # fmt: skip
+    assert_same_losses(got, want)
+    assert_same_losses(losses(tmp_path / "masked_pp2", "val"), losses(tmp_path / "masked_reference", "val"))

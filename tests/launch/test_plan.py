@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from forge_lm.launch.config import compose
-from forge_lm.launch.plan import GIB, estimate, main, rank_state
+from forge_lm.launch.plan import GIB, estimate, main, rank_state, render
 from tests.conftest import REPO
 from tests.launch.state_bytes import MODEL
 
@@ -105,12 +105,15 @@ def test_layouts_the_trainer_rejects_are_refused(monkeypatch):
 
 def test_state_bytes_per_rank_equal_a_real_run(tmp_path):
     """Parameters, gradients and optimizer state of each rank, as the planner counts them and as two real
-    processes hold them (FSDP2, tensor parallel, pipeline, replicated data parallel)."""
+    processes hold them (FSDP2, tensor parallel, pipeline, replicated data parallel, MoE under tensor and
+    expert parallel)."""
     layouts = [
         "parallel.dp_shard=2",
         "parallel.tp=2 parallel.dp_shard=1",
         "parallel.pp=2 parallel.dp_shard=1",
         "parallel.dp_replicate=2 parallel.dp_shard=1",
+        "model=mixtral_tiny parallel.tp=2 parallel.dp_shard=1",  # experts split along their hidden size
+        "model=mixtral_tiny parallel.ep=2 parallel.dp_shard=2",  # whole experts split over the ep ranks
     ]
     out = tmp_path / "bytes.json"
     cmd = [
@@ -142,3 +145,18 @@ def test_cpu_plan_of_the_test_model(monkeypatch):
     plan = estimate(cfg, launch)
     assert plan.fits and plan.step_time_s is None  # no peak FLOP/s for a CPU
     assert plan.memory.peak < GIB
+
+
+def test_expert_parallelism_gathers_only_the_ranks_own_experts():
+    """With ep=2 over dp_shard=4 a rank holds the same share of the experts' state as with FSDP alone (a quarter),
+    but a block's all-gather brings only its ep group's half of the experts, not all of them."""
+    base = [*MODEL, "model=mixtral_tiny", "launch.gpus_per_node=4", "launch.gpu=cpu", "parallel.dp_shard=4"]
+    fsdp, _ = compose(base)
+    ep, _ = compose([*base, "parallel.ep=2"])
+    m = fsdp.model
+    experts_per_layer = 3 * m.moe.num_experts * m.ffn_dim * m.d_model  # w1, w3, w2
+    for rank in range(4):
+        alone, split = rank_state(fsdp, rank), rank_state(ep, rank)
+        assert split.experts == alone.experts > 0
+        assert alone.block_unsharded - split.block_unsharded == experts_per_layer // 2
+    assert "ep=2: experts split over 2 of the dp_shard ranks" in render(estimate(ep, compose(base)[1]))

@@ -124,6 +124,48 @@ def test_tp_must_divide_heads_and_kv_heads():
         compose_config("parallel.tp=4", "parallel.dp_shard=1")
 
 
+def test_tp_must_divide_each_experts_hidden_size_and_the_kv_heads():
+    """Refused while composing the config (before any process group), naming the field and values that work."""
+    moe = ["model=mixtral_tiny", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=90", "parallel.dp_shard=1"]
+    with pytest.raises(ConfigError, match=r"parallel.tp=4 must divide model.ffn_dim=90 \(each expert's hidden size.*"
+                       r"choose parallel.tp among \[1, 2\]"):  # fmt: skip
+        compose_config(*moe, "parallel.tp=4")
+    with pytest.raises(ConfigError, match=r"parallel.tp=8 must divide .* model.n_kv_heads=4.* among \[1, 2\]"):
+        compose_config(*moe, "parallel.tp=8")
+    cfg = compose_config(*moe, "parallel.tp=2")  # MoE under tensor parallelism: the router replicated
+    assert cfg.parallel.tp == 2 and cfg.model.moe.num_experts == 8
+
+
+def test_ep_must_divide_the_experts_and_the_sharded_data_parallel_size(monkeypatch):
+    """Expert parallelism borrows its ranks from dp_shard and gives each whole experts: refused while composing
+    the config (before any process group), naming the field and values that work."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"parallel.ep=3 must divide parallel.dp_shard=4 .* among \[1, 2, 4\]"):
+        compose_config("model=mixtral_tiny", "parallel.ep=3", "parallel.dp_shard=4")
+    with pytest.raises(ConfigError, match=r"parallel.ep=4 must divide model.moe.num_experts=6 .* among \[1, 2\]"):
+        compose_config("model=mixtral_tiny", "model.moe.num_experts=6", "parallel.ep=4", "parallel.dp_shard=4")
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 splits the experts .* model.moe.num_experts=0"):
+        compose_config("parallel.ep=2", "parallel.dp_shard=4")
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 borrows its ranks from parallel.dp_shard .* set parallel.dp_replicate=1"):
+        compose_config("model=mixtral_tiny", "parallel.ep=2", "parallel.dp_shard=2", "parallel.dp_replicate=2")
+    cfg = compose_config("model=qwen3_moe_tiny", "parallel.ep=2", "parallel.dp_shard=-1")  # the rest: 4
+    assert (cfg.parallel.ep, cfg.parallel.dp_shard) == (2, 4)
+
+
+def test_cli_refuses_a_bad_expert_layout_before_starting(tmp_path):
+    bad = _cli("model=mixtral_tiny", "model.moe.num_experts=6", "parallel.ep=4", "parallel.dp_shard=4",
+               "trainer.wandb.mode=disabled", f"output_root={tmp_path}")  # fmt: skip
+    assert bad.returncode == 2
+    assert "config error: parallel.ep=4 must divide model.moe.num_experts=6" in bad.stderr
+    assert "choose parallel.ep among [1, 2]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_moe_and_document_masking_are_accepted_under_pipeline_parallelism():
+    cfg = compose_config("model=qwen3_moe_tiny", "model.tie_embeddings=false", "parallel.pp=2", "parallel.dp_shard=1",
+                         "data.document_masking=true")  # fmt: skip
+    assert cfg.parallel.pp == 2 and cfg.model.is_moe and cfg.data.document_masking
+
+
 def test_pp_stages_cannot_exceed_layers():
     with pytest.raises(ConfigError, match=r"parallel.pp=4 with schedule Interleaved1F1B needs 8 stages .* model.n_layers=4"):
         compose_config("parallel.pp=4", "parallel.dp_shard=1", "parallel.pp_schedule=Interleaved1F1B",

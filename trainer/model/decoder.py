@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 from forge_lm.trainer.model.config import ConfigError, ModelConfig
 from forge_lm.trainer.model.layers import GatedMLP, RMSNorm
 from forge_lm.trainer.model.masks import Mask, flex_block_mask, positions_in_documents, sdpa_mask
-from forge_lm.trainer.model.moe import GroupedExperts, MoE, moe_aux_losses
+from forge_lm.trainer.model.moe import GroupedExperts, MoE, moe_aux_losses, weighted_aux_loss
 from forge_lm.trainer.model.rope import rope_cos_sin, rope_frequencies
 
 # Per forward pass, what each kind of layer ("full" or "sliding" attention) needs: RoPE cos, sin and its mask.
@@ -122,13 +122,23 @@ class Decoder(nn.Module):
         return self.head(h)
 
     def forward_stage(
-        self, x: torch.Tensor, layers: list[nn.Module], embed: bool, head: bool
+        self,
+        x: torch.Tensor,
+        layers: list[nn.Module],
+        embed: bool,
+        head: bool,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run part of the model, for pipeline parallelism: [embedding] -> `layers` -> [final norm + output].
 
-        x is token ids when `embed`, else hidden states from the previous stage. Positions are 0..T-1.
+        x is token ids when `embed`, else hidden states from the previous stage. position_ids and
+        document_ids mean what they mean in `forward`; every stage gets them, so each masks and rotates
+        exactly as the whole model would.
         """
-        h = self.run_layers(self.embed(x) if embed else x, layers)
+        if position_ids is None and document_ids is not None:
+            position_ids = positions_in_documents(document_ids)
+        h = self.run_layers(self.embed(x) if embed else x, layers, position_ids, document_ids)
         return self.head(h) if head else h
 
     def run_layers(
@@ -223,13 +233,8 @@ class Decoder(nn.Module):
     def aux_loss(self) -> torch.Tensor:
         """What to add to the language-modelling loss after a forward: load_balance_coef * load-balancing
         loss + router_z_coef * z-loss (a zero scalar for dense models)."""
-        losses = self.aux_losses()
-        total = torch.zeros((), device=self.tok_embeddings.weight.device)
-        if losses:
-            moe = self.cfg.moe
-            balance = 0.0 if moe.balance == "bias" else moe.load_balance_coef  # the bias balances instead
-            total = balance * losses["moe_load_balance"] + moe.router_z_coef * losses["moe_router_z"]
-        return total
+        total = weighted_aux_loss(self.aux_losses(), self.cfg.moe)
+        return torch.as_tensor(total, device=self.tok_embeddings.weight.device)
 
     # ---- construction and initialisation --------------------------------------------------------------------
 

@@ -16,19 +16,25 @@ and the router z-loss. Decoder.aux_loss() weights and sums them for the training
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from forge_lm.trainer.model.config import ModelConfig
+from forge_lm.trainer.model.config import ModelConfig, MoEConfig
 from forge_lm.trainer.model.layers import ACTIVATIONS
 
 
 @dataclass
 class RouterStats:
-    """What the auxiliary losses need from one layer's routing, summed over its tokens."""
+    """What the auxiliary losses need from one layer's routing, summed over its tokens.
+
+    Sums, so the statistics of several layers (or several pipeline stages) add up to those of all of them.
+    """
 
     expert_counts: torch.Tensor
     """[E] how many of the tokens' top-k slots went to each expert (no gradient)."""
@@ -36,7 +42,27 @@ class RouterStats:
     """[E] router probability mass per expert, fp32 (differentiable)."""
     z_sum: torch.Tensor
     """sum over tokens of logsumexp(router logits)^2, fp32 (differentiable)."""
-    tokens: int
+    tokens: int | torch.Tensor
+    """Tokens routed (summed over layers): an int, or a 0-dim tensor once packed for a pipeline stage."""
+
+    def __add__(self, other: RouterStats) -> RouterStats:
+        return RouterStats(
+            self.expert_counts + other.expert_counts,
+            self.prob_sums + other.prob_sums,
+            self.z_sum + other.z_sum,
+            self.tokens + other.tokens,
+        )
+
+    def pack(self) -> torch.Tensor:
+        """One fp32 tensor [2E + 2] (counts, probability sums, z sum, tokens), as pipeline stages pass it on
+        with their activations; gradients flow back through the differentiable entries."""
+        tokens = torch.as_tensor(self.tokens, dtype=torch.float32, device=self.prob_sums.device)
+        return torch.cat([self.expert_counts.float(), self.prob_sums.float(), self.z_sum.float()[None], tokens[None]])
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> RouterStats:
+        E = (packed.shape[0] - 2) // 2
+        return RouterStats(packed[:E].detach(), packed[E : 2 * E], packed[2 * E], packed[2 * E + 1].detach())
 
 
 class GroupedExperts(nn.Module):
@@ -57,33 +83,54 @@ class GroupedExperts(nn.Module):
         token = order // k
         counts = torch.bincount(flat, minlength=self.w1.shape[0])
         xs = x[token]  # [N*k, d], expert 0's rows first
-        if _grouped_mm_available(xs):
-            ys = self._grouped(xs, counts)
-        else:
-            ys = self._padded(xs, counts, max_per_expert=N)
+        ys = self.run_experts(xs, counts)
         ys = ys * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [rows, d] sorted by expert, counts[e] rows for expert e -> each row through its expert.
+
+        Expert parallelism replaces this per instance (trainer/parallel/moe_parallel.py): it sends the rows to
+        the ranks holding their experts, calls `compute` there and sends the results back."""
+        return self.compute(xs, counts, self.weights())
+
+    def compute(
+        self, xs: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Rows sorted by expert through the experts whose (w1, w3, w2) are `weights` (all, or one rank's)."""
+        if _grouped_mm_available(xs):
+            return self._grouped(xs, counts, weights)
+        return self._padded(xs, counts, weights)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, w3, w2 as plain tensors. Under tensor parallelism (trainer/parallel/moe_parallel.py) they are
+        DTensors split along the hidden dimension: each rank multiplies by its own slice (and its output is
+        then a partial sum, which the parallel style adds up across the group). Under expert parallelism they
+        are split along the experts: each rank's own experts."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+        w1, w3, w2 = weights
 
         def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets)
 
-        return mm(self.act(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
+        return mm(self.act(mm(xs, w1)) * mm(xs, w3), w2)
 
-    def _padded(self, xs: torch.Tensor, counts: torch.Tensor, max_per_expert: int) -> torch.Tensor:
+    def _padded(self, xs: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
         E = counts.numel()
         # Eagerly, the largest group (one host sync); nothing is dropped. Under torch.compile a data-dependent
-        # size would break the graph, so the static bound is used: a token picks an expert at most once.
-        capacity = max_per_expert if torch.compiler.is_compiling() else int(counts.max())
+        # size would break the graph, so the static bound is used: all rows in one group.
+        capacity = xs.shape[0] if torch.compiler.is_compiling() else int(counts.max())
         expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts)
         slot = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]
         buf = xs.new_zeros(E, capacity, xs.shape[1])
         buf[expert, slot] = xs
         # Padding rows are zero and stay zero (act(0) * 0 = 0); they are never read back.
-        h = self.act(buf @ self.w1.transpose(1, 2)) * (buf @ self.w3.transpose(1, 2))
-        return (h @ self.w2.transpose(1, 2))[expert, slot]
+        w1, w3, w2 = weights
+        h = self.act(buf @ w1.transpose(1, 2)) * (buf @ w3.transpose(1, 2))
+        return (h @ w2.transpose(1, 2))[expert, slot]
 
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
@@ -108,6 +155,9 @@ class MoE(nn.Module):
         self.stats: Optional[RouterStats] = None
         self.step_counts: Optional[torch.Tensor] = None
         """[E] top-k slots per expert over the training forwards since the last optimizer step."""
+        self.count_load = True
+        """Whether training forwards add to step_counts (off for forwards that are not part of a step:
+        `not_counting_load`)."""
         if cfg.moe.balance == "bias":
             self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts))
 
@@ -131,13 +181,31 @@ class MoE(nn.Module):
             z_sum=torch.logsumexp(logits.float(), dim=-1).pow(2).sum(),
             tokens=x.shape[0],
         )
-        if self.training:
+        if self.training and self.count_load:
             self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         return self.experts(x, experts, weights.to(x.dtype)).view(shape)
 
     def reset_parameters(self) -> None:
         if hasattr(self, "expert_bias"):
             self.expert_bias.zero_()
+
+
+@contextlib.contextmanager
+def not_counting_load(model: nn.Module) -> Iterator[None]:
+    """Forwards inside do not count towards the experts' load of the step (e.g. the pipeline schedule's
+    shape-probing forward, trainer/parallel/pipeline.py)."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in layers:
+        m.count_load = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.count_load = True
+
+
+AUX_LOSSES = ("moe_load_balance", "moe_router_z")
+"""The names of the auxiliary losses, as `moe_aux_losses` returns and the logs show them."""
 
 
 def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -148,17 +216,32 @@ def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
         to transformers' load_balancing_loss_func). 1 * top_k when perfectly balanced.
     moe_router_z: mean over tokens (and layers) of logsumexp(router logits)^2 (ST-MoE), keeps logits small.
     """
-    stats = [m.stats for m in model.modules() if isinstance(m, MoE) and m.stats is not None]
-    if not stats:
-        return {}
-    tokens = sum(s.tokens for s in stats)
-    counts = torch.stack([s.expert_counts for s in stats]).sum(0)
-    probs = torch.stack([s.prob_sums for s in stats]).sum(0)
-    z = torch.stack([s.z_sum for s in stats]).sum()
+    stats = pooled_router_stats(model.modules())
+    return {} if stats is None else aux_losses_of(stats)
+
+
+def pooled_router_stats(modules: Iterable[nn.Module]) -> Optional[RouterStats]:
+    """The sum of the last forward's RouterStats of the MoE layers among `modules` (None if there are none)."""
+    stats = [m.stats for m in modules if isinstance(m, MoE) and m.stats is not None]
+    return sum(stats[1:], stats[0]) if stats else None
+
+
+def aux_losses_of(stats: RouterStats) -> dict[str, torch.Tensor]:
+    """moe_aux_losses from statistics pooled over layers (see there)."""
+    counts, probs, tokens = stats.expert_counts, stats.prob_sums, stats.tokens
     return {
         "moe_load_balance": counts.numel() * ((counts / tokens) * (probs / tokens)).sum(),
-        "moe_router_z": z / tokens,
+        "moe_router_z": stats.z_sum / tokens,
     }
+
+
+def weighted_aux_loss(losses: dict[str, torch.Tensor], moe: MoEConfig) -> torch.Tensor | float:
+    """What to add to the language-modelling loss: load_balance_coef * load-balancing loss + router_z_coef *
+    z-loss (the load-balancing loss is left out with balance='bias', where the routing biases balance)."""
+    if not losses:
+        return 0.0
+    balance = 0.0 if moe.balance == "bias" else moe.load_balance_coef
+    return balance * losses["moe_load_balance"] + moe.router_z_coef * losses["moe_router_z"]
 
 
 @torch.no_grad()
@@ -207,7 +290,7 @@ def benchmark_dispatch(repeats: int = 5) -> None:
     def grouped_cpu() -> torch.Tensor:  # torch._grouped_mm's CPU fallback, same sorting
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
-        ys = experts._grouped(x[order // k], torch.bincount(flat, minlength=E))
+        ys = experts._grouped(x[order // k], torch.bincount(flat, minlength=E), experts.weights())
         return torch.zeros_like(x).index_add(0, order // k, ys * weights.reshape(-1)[order, None])
 
     fns = {"sorted + padded bmm (ours, CPU)": lambda: experts(x, chosen, weights), "per-expert loop": loop}

@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,7 +103,7 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config = deepspeed_config(cfg, bf16, device.type)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            optimizer=build_optimizer(model, cfg.trainer),
+            optimizer=build_optimizer(model, cfg.trainer, fused=False),  # DeepSpeed steps it itself
             # Built on the optimizer DeepSpeed wraps; DeepSpeed steps it once per optimizer step.
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.trainer),
             config=self.ds_config,
@@ -123,8 +124,9 @@ class DeepSpeedStrategy(Strategy):
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
-    def optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self, judge: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         # Stepped in `backward` at the accumulation boundary; the norm DeepSpeed measured for its clipping.
+        # (No `judge`: the update has happened by now, so trainer.spike is inactive here, can_skip_steps=False.)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return torch.tensor(float("nan"), device=self.device)

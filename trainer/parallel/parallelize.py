@@ -8,6 +8,8 @@ address its plain nn.Linear / nn.Embedding / RMSNorm modules by name.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -26,7 +28,9 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from forge_lm.trainer.config import ParallelConfig
 from forge_lm.trainer.kernels import dispatch as kernels_dispatch
 from forge_lm.trainer.model.layers import RMSNorm
+from forge_lm.trainer.model.moe import MoE
 from forge_lm.trainer.parallel.mesh import ParallelDims
+from forge_lm.trainer.parallel.moe_parallel import apply_expert_parallel, moe_tensor_parallel_plan
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -38,6 +42,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
     cfg = dims.cfg
     if cfg.tp > 1:
         apply_tensor_parallel(model, dims.sub_mesh("tp"), cfg)
+    if cfg.ep > 1:
+        apply_expert_parallel(model, dims.sub_mesh("ep", "tp") if cfg.tp > 1 else dims.sub_mesh("ep"))
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
@@ -48,7 +54,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype =
         compile_loss_head(model)
     if uses_fsdp(dims):
         dp_dims = ("dp_replicate", "dp_shard") if cfg.dp_replicate > 1 else ("dp_shard",)
-        apply_fsdp(model, dims.sub_mesh(*dp_dims), param_dtype, cfg.reshard_after_forward)
+        expert_dp = dims.sub_mesh("expert_dp") if cfg.ep > 1 else None
+        apply_fsdp(model, dims.sub_mesh(*dp_dims), param_dtype, cfg.reshard_after_forward, expert_dp)
     return model
 
 
@@ -87,7 +94,8 @@ def _set_block(model: nn.Module, name: str, block: nn.Module) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
-    """Megatron-style TP: q/k/v and MLP up/gate split by columns (heads), o and down by rows.
+    """Megatron-style TP: q/k/v and MLP up/gate split by columns (heads), o and down by rows; in MoE layers
+    the same split of every expert's hidden size, with the router replicated (moe_parallel.py).
 
     With sequence parallelism the residual stream between blocks is split along the sequence, so
     norms run on 1/tp of the tokens, and the all-reduce of plain TP becomes reduce-scatter + all-gather.
@@ -124,13 +132,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelCo
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=residual),
-            "feed_forward": PrepareModuleInput(
-                input_layouts=(residual,), desired_input_layouts=(Replicate(),)
-            ),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=residual),
         }
+        if isinstance(block.feed_forward, MoE):  # router replicated, each expert's hidden size split
+            plan.update(moe_tensor_parallel_plan(residual))
+        else:
+            plan.update({
+                "feed_forward": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=residual),
+            })  # fmt: skip
         plan.update(_qk_norm_plan(block.attention))
         if sp:
             for name in ("attention_norm", "ffn_norm"):  # absent (Identity) in post-norm-only families
@@ -193,12 +204,29 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def apply_fsdp(
-    model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reshard_after_forward: bool,
+    expert_dp_mesh: Optional[DeviceMesh] = None,
 ) -> None:
     """FSDP2: each block is its own unit (gathered just in time, freed after use); the root unit holds
-    the embeddings, final norm and output projection. A 2-D mesh (replicate, shard) gives HSDP."""
+    the embeddings, final norm and output projection. A 2-D mesh (replicate, shard) gives HSDP.
+
+    Under expert parallelism each rank holds other experts than its ep peers: the experts of a block are a unit
+    of their own, sharded over `expert_dp_mesh` (the ranks holding the same experts) instead of all of dp."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for _, block in _blocks(model):
+        if expert_dp_mesh is not None and isinstance(getattr(block, "feed_forward", None), MoE):
+            fully_shard(
+                block.feed_forward.experts,
+                mesh=expert_dp_mesh,
+                mp_policy=mp,
+                reshard_after_forward=reshard_after_forward,
+            )
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's inputs are token ids, or a previous pipeline stage's hidden states (already in the compute
+    # dtype) and MoE router statistics, which are counts and sums that must stay fp32: no input cast.
+    root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # The root's parameters are needed again right at the start of backward: keep them gathered.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=root_mp, reshard_after_forward=False)

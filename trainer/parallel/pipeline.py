@@ -2,12 +2,21 @@
 
 Stage modules keep the Decoder's parameter names (`tok_embeddings`, `layers.<i>`, `norm`, `output`),
 so checkpoints are the same whatever the pipeline layout, and can be loaded into any other layout.
+
+What a stage passes to the next: the hidden states and, for mixture-of-experts models, the router
+statistics of all layers so far (RouterStats.pack, one fp32 vector). The load-balancing loss pools its
+statistics over every layer, so no stage can compute its share alone; the last stage computes the auxiliary
+losses from the pooled statistics exactly as one process does, and their gradients flow back to each
+stage's routers through the same sends as the activations' gradients. What every stage gets from the
+batch: the micro-batch's position_ids or document_ids, as keyword arguments (the schedule splits them into
+micro-batches like the inputs), so packed documents are masked and positioned as in one process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -16,15 +25,15 @@ from torch.distributed.pipelining import schedules as torch_schedules
 
 from forge_lm.trainer.config import ParallelConfig
 from forge_lm.trainer.model import Decoder
+from forge_lm.trainer.model.moe import not_counting_load, pooled_router_stats
 from forge_lm.trainer.parallel.mesh import ParallelDims
 
 
 class PipelineStageModule(nn.Module):
     """The slice of a Decoder that one pipeline stage runs.
 
-    The first stage embeds token ids; the others receive hidden states. The last stage applies the
-    final norm and output projection. Positions are the default 0..T-1 (packed-document position
-    resets are not carried between stages).
+    The first stage embeds token ids; the others receive hidden states (and, for MoE models, the router
+    statistics so far). The last stage applies the final norm and output projection.
     """
 
     def __init__(self, model: Decoder, layer_ids: list[int], first: bool, last: bool) -> None:
@@ -37,10 +46,41 @@ class PipelineStageModule(nn.Module):
         # Not registered as a submodule (its other layers belong to other stages): only its forward is used.
         object.__setattr__(self, "_decoder", model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._decoder.forward_stage(
-            x, list(self.layers.values()), embed=self.tok_embeddings is not None, head=self.output is not None
+    def forward(
+        self,
+        x: torch.Tensor,
+        router_stats: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Dense models: hidden states (logits on the last stage). MoE models: (that, router statistics of
+        this stage's layers plus `router_stats`, those of the stages before)."""
+        out = self._decoder.forward_stage(
+            x,
+            list(self.layers.values()),
+            embed=self.tok_embeddings is not None,
+            head=self.output is not None,
+            position_ids=position_ids,
+            document_ids=document_ids,
         )
+        if not self.cfg.is_moe:
+            return out
+        stats = pooled_router_stats(self.layers.modules()).pack()
+        return out, stats if router_stats is None else router_stats + stats
+
+
+class _Stage(PipelineStage):
+    """A PipelineStage whose shape-probing forward does not count towards the experts' load.
+
+    On its first step a schedule runs every stage once on the first micro-batch (later stages on placeholder
+    activations) to learn the shapes of what stages send each other (torch's dynamic metadata inference).
+    That forward belongs to no training step: MoE layers must not add it to the load that balance=bias
+    evens out and that the logs report.
+    """
+
+    def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        with not_counting_load(self.submod):
+            return super()._forward_metadata_inference(*args, **kwargs)
 
 
 @dataclass
@@ -88,7 +128,7 @@ def build_pipeline(
         module = PipelineStageModule(model, layer_split[sid], first=sid == 0, last=sid == n_stages - 1)
         module = parallelize_stage(module)
         modules.append(module)
-        stages.append(PipelineStage(module, sid, n_stages, device, group=dims.group("pp")))
+        stages.append(_Stage(module, sid, n_stages, device, group=dims.group("pp")))
     schedule_cls = getattr(torch_schedules, f"Schedule{cfg.pp_schedule}")
     # `loss_fn` returns each micro-batch's summed token loss already divided by the global token count
     # (Engine.train_step): the schedule must not average over micro-batches as well (scale_grads=False),

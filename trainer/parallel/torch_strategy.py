@@ -9,6 +9,7 @@ under the model's own parameter names, so they load into any layout.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +24,8 @@ from forge_lm.trainer.config import Config
 from forge_lm.trainer.eval.scorers import EvalModel
 from forge_lm.trainer.loss import lm_loss
 from forge_lm.trainer.model import Decoder
-from forge_lm.trainer.optim import build_optimizer
+from forge_lm.trainer.model.moe import AUX_LOSSES, RouterStats, aux_losses_of, weighted_aux_loss
+from forge_lm.trainer.optim import build_optimizer, pin_implementation
 from forge_lm.trainer.parallel import collectives
 from forge_lm.trainer.parallel.mesh import ParallelDims
 from forge_lm.trainer.parallel.parallelize import parallelize, uses_fsdp
@@ -68,10 +70,12 @@ class TorchStrategy(Strategy):
             self.runs_schedule = True
         else:
             self.parts = [parallelize(model, dims, param_dtype)]
-        mixed_dtensors = dims.cfg.tp > 1 and not dims.cfg.sequence_parallel
-        self.optimizers = [build_optimizer(p, cfg.trainer, foreach=not mixed_dtensors) for p in self.parts]
+        # Fused AdamW everywhere: it can drop a step on the device (trainer.spike, `optimizer_step`).
+        self.optimizers = [build_optimizer(p, cfg.trainer, fused=True) for p in self.parts]
         self.schedulers = [build_scheduler(o, cfg.trainer) for o in self.optimizers]
         self._pipeline_scale: Optional[torch.Tensor] = None
+        self._pipeline_micro_batches = 1
+        self._pipeline_records: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
 
     # ---- forward, backward, step -------------------------------------------------------------------------
 
@@ -84,48 +88,77 @@ class TorchStrategy(Strategy):
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Without tensor parallelism the model computes the loss from its last hidden states (fused where
         the device runs it). Under tensor parallelism the logits are sharded DTensors and loss_parallel
-        computes it."""
+        computes it; the loss comes back as a plain tensor either way, so that MoE auxiliary losses (plain
+        tensors: the routers are replicated) can be added to it."""
         model, masking = self.parts[0], self.cfg.data.document_masking
         with self.autocast:
             if self.dims.cfg.tp == 1:
                 return summed_loss(model, batch, self.device, masking)
             logits = model(**model_inputs(batch, self.device, masking))
-        return lm_loss(logits, batch["labels"], reduction="sum")
+        return _local(lm_loss(logits, batch["labels"], reduction="sum"))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One micro-batch's summed token loss, scaled by dp_size / global tokens (Engine.train_step)."""
-        with self.loss_context():
-            return lm_loss(logits, labels, reduction="sum") * self._pipeline_scale
+    def _pipeline_loss(
+        self, output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
+        """What the schedule back-propagates for one micro-batch: its summed token loss scaled by dp_size /
+        global tokens, plus, for MoE models, the weighted auxiliary loss over all layers (from the router
+        statistics the stages passed along) divided by the number of micro-batches: both as
+        Engine.train_step weighs them outside pipelines. Each call's unweighted parts are recorded for
+        `schedule_step`."""
+        logits, stats = output if isinstance(output, tuple) else (output, None)
+        aux = aux_losses_of(RouterStats.unpack(stats)) if stats is not None else {}
+        token_loss = _local(lm_loss(logits, labels, reduction="sum"))  # plain, to add the aux loss to
+        self._pipeline_records.append((token_loss.detach(), {k: v.detach() for k, v in aux.items()}))
+        weighted_aux = weighted_aux_loss(aux, self.model_cfg.moe) / self._pipeline_micro_batches
+        return token_loss * self._pipeline_scale + weighted_aux
 
     def schedule_step(
         self, micro_batches: list[dict[str, torch.Tensor]], scale: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The schedule runs every micro-batch; the loss function returns each one's summed token loss times
         `scale` (the schedule is built not to average over micro-batches), so padded micro-batches weigh by
-        their tokens as in every other layout. Returns the global summed token loss."""
-        pipe = self.pipeline
+        their tokens as in every other layout. Returns the global summed token loss and, for MoE models,
+        the auxiliary losses averaged over micro-batches and data-parallel ranks."""
+        pipe, n = self.pipeline, len(micro_batches)
         inputs = torch.cat([b["input_ids"] for b in micro_batches])
         labels = torch.cat([b["labels"] for b in micro_batches])
-        losses: list[torch.Tensor] = []
+        # Positions or documents go to every stage (the schedule cuts them into micro-batches like inputs).
+        per_batch = [model_inputs(b, self.device, self.cfg.data.document_masking) for b in micro_batches]
+        stage_kwargs = {k: torch.cat([b[k] for b in per_batch]) for k in per_batch[0] if k != "input_ids"}
         args = (inputs,) if pipe.has_first_stage else ()
-        self._pipeline_scale = scale
-        with self.autocast:
-            pipe.schedule.step(
-                *args,
-                target=labels if pipe.has_last_stage else None,
-                losses=losses if pipe.has_last_stage else None,
-            )
+        self._pipeline_scale, self._pipeline_micro_batches, self._pipeline_records = scale, n, []
+        # Loss parallelism needs its context around the cross-entropy's backward too, which the schedule runs.
+        with self.autocast, self.loss_context():
+            pipe.schedule.step(*args, target=labels if pipe.has_last_stage else None, **stage_kwargs)
+        # The schedule's first step also calls the loss function once to probe shapes (pipeline._Stage):
+        # this step's micro-batches are the last n calls.
+        records = self._pipeline_records[-n:] if pipe.has_last_stage else []
+        self._pipeline_records = []
         value = torch.zeros((), device=self.device)
-        if pipe.has_last_stage:
-            value += torch.stack([_local(x).detach().float() for x in losses]).sum() / scale
-        collectives.all_reduce(value, group=self.dims.group("pp"))
-        return collectives.all_reduce(value, group=self.dp_group)
+        aux = torch.zeros(len(AUX_LOSSES), device=self.device)
+        for token_loss, aux_losses in records:
+            value += _local(token_loss).float()
+            if aux_losses:
+                aux += torch.stack([aux_losses[name] for name in AUX_LOSSES]).float() / n
+        # Only the last stage has them: a sum over the pipeline ranks hands them to every rank.
+        both = collectives.all_reduce(torch.cat([value[None], aux]), group=self.dims.group("pp"))
+        both = collectives.all_reduce(both, group=self.dp_group)
+        aux_out = dict(zip(AUX_LOSSES, both[1:] / self.dp_size)) if self.model_cfg.is_moe else {}
+        return both[0], aux_out
 
-    def optimizer_step(self) -> torch.Tensor:
+    can_skip_steps = True
+
+    def optimizer_step(self, judge: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         grad_norm = self._clip_gradients()
+        if judge is not None:
+            # The fused AdamW reads `found_inf` on the device: 1.0 leaves parameters, moments and step counts
+            # untouched (no host sync). The schedule still moves on: the learning rate follows the step count.
+            found_inf = judge(grad_norm)
+            for opt in self.optimizers:
+                opt.found_inf = found_inf
         for opt, sched in zip(self.optimizers, self.schedulers):
             opt.step()
             sched.step()
@@ -183,7 +216,8 @@ class TorchStrategy(Strategy):
         owner = {sid: r for r in range(cfg.pp) for sid in stage_ids_for_rank(cfg, r)}
         mine = {stage.stage_index: module for stage, module in zip(pipe.stages, pipe.modules)}
         me, last = self.dims.pp_rank, cfg.pp * cfg.stages_per_rank - 1
-        h: Optional[torch.Tensor] = batch["input_ids"]
+        inputs = model_inputs(batch, self.device, self.cfg.data.document_masking)
+        h: Optional[torch.Tensor] = inputs.pop("input_ids")
         value = torch.zeros((), device=self.device)
         for sid in range(last + 1):
             if owner[sid] != me:
@@ -191,7 +225,9 @@ class TorchStrategy(Strategy):
             if sid > 0 and owner[sid - 1] != me:
                 h = collectives.recv_tensor(dist.get_global_rank(group, owner[sid - 1]), self.device)
             with self.autocast:
-                h = mine[sid](h)
+                h = mine[sid](h, **inputs)
+            if isinstance(h, tuple):  # MoE: the router statistics are not needed for a validation loss
+                h = h[0]
             if sid < last and owner[sid + 1] != me:
                 collectives.send_tensor(_local(h), dist.get_global_rank(group, owner[sid + 1]))
             if sid == last:
@@ -205,7 +241,10 @@ class TorchStrategy(Strategy):
         return checkpointer.save(step, self.parts, self.optimizers, train_state)
 
     def load(self, path: Path) -> dict[str, Any]:
-        return ckpt.load_checkpoint(path, self.parts, self.optimizers)
+        state = ckpt.load_checkpoint(path, self.parts, self.optimizers)
+        for opt in self.optimizers:  # a checkpoint also holds the AdamW flags it was saved with: keep ours
+            pin_implementation(opt, fused=True)
+        return state
 
     def full_model(self, checkpoint: Optional[Path]) -> Optional[Decoder]:
         """Single process: the model itself. Distributed: rank 0 rebuilds it from the checkpoint just
