@@ -83,7 +83,8 @@ def prompts(tokenizer: Any, n: int, length: int) -> list[str]:
     raise RuntimeError("not enough passages in the corpus")
 
 
-def start_server(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, Optional[int]]:
+    """`forge serve` on a free port: the process, its URL, and the CPU threads its model runs on."""
     command = [
         sys.executable, "-m", "forge_lm.trainer.serve", str(folder), "--port", "0", "--model-name", "bench",
         "--max-batch", str(args.max_batch), "--device", args.device, "--dtype", args.dtype,
@@ -99,7 +100,8 @@ def start_server(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
         seen.append(line)
         match = re.search(r"listening on (http://\S+) ", line)
         if match:
-            return process, match.group(1)
+            threads = re.search(r"on cpu, (\d+) threads", "".join(seen))
+            return process, match.group(1), int(threads.group(1)) if threads else None
     raise RuntimeError("forge serve did not start:\n" + "".join(seen))
 
 
@@ -111,19 +113,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_llama_cpp(folder: Path, out: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """llama.cpp's own OpenAI-compatible server on the GGUF export of the same weights."""
+def start_llama_cpp(
+    folder: Path, out: Path, args: argparse.Namespace, threads: int
+) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own OpenAI-compatible server on the GGUF export of the same weights, on `threads`."""
     import urllib.request
 
     from forge_lm.tools.export_hf import export_gguf
 
     gguf = export_gguf(folder, out / "bench.gguf", dtype="f32" if args.dtype == "float32" else "f16")
     port = free_port()
-    threads = str(args.server_threads or torch.get_num_threads())
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", threads,
-        "--n_threads_batch", threads, "--verbose", "false",
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", str(threads),
+        "--n_threads_batch", str(threads), "--verbose", "false",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -234,7 +237,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
-        "--server-threads", type=int, default=None, help="the server's --threads (default: torch's)"
+        "--server-threads",
+        type=int,
+        default=None,
+        help="the server's --threads (default: forge serve's own default)",
     )
     p.add_argument(
         "--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
@@ -266,17 +272,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{device_name(device)} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}); "
             f"model {'random, quickstart shape' if not args.model else args.model}: {params / 1e6:.1f}M "
             f"parameters, {args.dtype}; {args.clients} clients x ({args.prompt} prompt + {args.new} new tokens), "
-            f"{args.max_batch} slots, server threads: {args.server_threads or 'torch default'}",
+            f"{args.max_batch} slots",
             flush=True,
         )
         llama_cpp = args.llama_cpp and llama_cpp_server_available()
         if args.llama_cpp and not llama_cpp:
             print("llama.cpp: skipped (pip install 'llama-cpp-python[server]' to compare)", flush=True)
-        process, url = start_server(folder, args)
+        process, url, server_threads = start_server(folder, args)
         processes = [process]
+        threads = server_threads or torch.get_num_threads()
+        print(
+            f"threads: forge serve's model {server_threads or 'its default'}, the Generator called directly "
+            f"{torch.get_num_threads()}" + (f", llama.cpp's server {threads}" if llama_cpp else ""),
+            flush=True,
+        )
         try:
             if llama_cpp:
-                ref_process, ref_url = start_llama_cpp(folder, Path(tmp), args)
+                ref_process, ref_url = start_llama_cpp(folder, Path(tmp), args, threads)
                 processes.append(ref_process)
                 asyncio.run(run_phase(ref_url, texts[:2], 8, concurrent=False))  # warm-up, not timed
             asyncio.run(run_phase(url, texts[:2], 8, concurrent=True))  # warm-up, not timed

@@ -3,6 +3,11 @@ tokenizer, a real uvicorn server on a free loopback port, and reading /metrics w
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -39,9 +44,49 @@ def engine(folder: Path, **options) -> Engine:
     return Engine(config, model, tokenizer, tokenizer_location(folder), str(folder))
 
 
-def serve(folder: Path, **options) -> BackgroundServer:
-    """A real uvicorn server on a free 127.0.0.1 port, on a background thread (stop() it)."""
+def serve(folder: Path, how: str = "in-process", **options) -> BackgroundServer | CommandServer:
+    """A real uvicorn server on a free 127.0.0.1 port (stop() it). how: "in-process" (BackgroundServer: the
+    model and HTTP on threads of this process) or "command" (`forge serve` itself: the model's process and
+    its HTTP process, trainer/serve/bridge.py)."""
+    if how == "command":
+        return CommandServer(folder, **options)
     return BackgroundServer(engine(folder, **options)).start()
+
+
+class CommandServer:
+    """`python -m forge_lm.trainer.serve <folder> --port 0 ...` as a subprocess. `engine` is the same engine
+    built in this process and never started: the tests read its prompter, tokenizer and model."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        self.engine = engine(folder, **options)
+        command = [sys.executable, "-m", "forge_lm.trainer.serve", str(folder), "--port", "0",
+                   "--model-name", NAME, "--log-level", "warning"]  # fmt: skip
+        for name, value in options.items():
+            command += [f"--{name.replace('_', '-')}", str(value)]
+        self.process = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.output: list[str] = []
+        for line in self.process.stdout:
+            self.output.append(line)
+            match = re.search(r"listening on (http://\S+) ", line)
+            if match:
+                self.url = match.group(1)
+                break
+        else:
+            raise RuntimeError("forge serve did not start:\n" + "".join(self.output))
+        # Keep reading its output (a full pipe would block the server).
+        threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True).start()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                raise
+        assert self.process.returncode == 0, "".join(self.output)
 
 
 def metrics(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from forge_lm.trainer.inference import Generator, SamplingParams
-from tests.e2e.serve_helpers import NAME, engine, metric, metrics, serve, tiny_hf_folder
+from tests.e2e.serve_helpers import NAME, CommandServer, engine, metric, metrics, serve, tiny_hf_folder
 
 GREEDY = SamplingParams()
 PROMPTS = [
@@ -40,9 +43,14 @@ def folder(tmp_path_factory):
     return tiny_hf_folder(tmp_path_factory.mktemp("serve"))
 
 
-@pytest.fixture(scope="module")
-def server(folder):
-    server = serve(folder, max_batch=8, queue_size=64)
+# Each test runs against both ways of serving: the model and HTTP in one process (BackgroundServer), and
+# `forge serve` itself, the model's process with HTTP in a process of its own (trainer/serve/bridge.py).
+HOW = ["in-process", "command"]
+
+
+@pytest.fixture(scope="module", params=HOW)
+def server(folder, request):
+    server = serve(folder, request.param, max_batch=8, queue_size=64)
     yield server
     server.stop()
 
@@ -290,8 +298,9 @@ def test_metrics_are_valid_prometheus_text(server) -> None:
     assert samples[("forge_prompt_tokens_total", ())] > 0
 
 
-def test_the_api_key_is_enforced(folder) -> None:
-    server = serve(folder, api_key="s3cret", max_batch=2)
+@pytest.mark.parametrize("how", HOW)
+def test_the_api_key_is_enforced(folder, how) -> None:
+    server = serve(folder, how, api_key="s3cret", max_batch=2)
     try:
         with pytest.raises(openai.AuthenticationError) as e:
             client(server, api_key="wrong").completions.create(model=NAME, prompt="hi", max_tokens=2)
@@ -314,9 +323,10 @@ def test_the_api_key_is_enforced(folder) -> None:
         server.stop()
 
 
-def test_a_full_queue_answers_503_with_retry_after(tmp_path) -> None:
+@pytest.mark.parametrize("how", HOW)
+def test_a_full_queue_answers_503_with_retry_after(tmp_path, how) -> None:
     # A long context, so that the request holding the only slot takes a while on any machine.
-    server = serve(tiny_hf_folder(tmp_path, max_seq_len=1024), max_batch=1, queue_size=1)
+    server = serve(tiny_hf_folder(tmp_path, max_seq_len=1024), how, max_batch=1, queue_size=1)
     try:
         c = client(server)
         running = c.completions.create(model=NAME, prompt="hi", max_tokens=1000, temperature=0, stream=True)
@@ -376,7 +386,7 @@ def test_engine_options_are_checked(folder) -> None:
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_the_command_stops_cleanly_on_a_signal_mid_stream(folder, signame) -> None:
-    """`forge serve` decodes on its main thread and serves HTTP on another: SIGTERM or Ctrl-C while a reply
+    """`forge serve` decodes in its own process and serves HTTP in another: SIGTERM or Ctrl-C while a reply
     streams stops both, ends the stream, and exits 0 within seconds."""
     import re
     import signal
@@ -412,3 +422,54 @@ def test_the_command_stops_cleanly_on_a_signal_mid_stream(folder, signame) -> No
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _http_process(server: CommandServer) -> int:
+    """The pid of the HTTP process `forge serve` spawned (its child running multiprocessing's spawn_main)."""
+    pid = server.process.pid
+    deadline = time.monotonic() + 20  # it is spawned after the "listening on" line
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        found = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if found:
+            [child] = found
+            return child
+        time.sleep(0.05)
+    raise AssertionError("forge serve spawned no HTTP process")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+def test_when_the_http_process_dies_the_server_ends_with_one_line(folder) -> None:
+    server = CommandServer(folder, max_batch=2)
+    try:
+        c = client(server)
+        assert c.completions.create(model=NAME, prompt="HAMLET:", max_tokens=4).usage.completion_tokens == 4
+        os.kill(_http_process(server), signal.SIGKILL)
+        assert server.process.wait(20) == 1
+        time.sleep(0.2)  # the output reader thread catches up
+        last = [line for line in server.output if line.strip()][-1]
+        assert last.startswith("forge serve: the HTTP process ended unexpectedly (exit code -9)"), last
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def test_when_the_models_process_dies_the_http_process_ends_too(folder) -> None:
+    server = CommandServer(folder, max_batch=2)
+    http = _http_process(server)
+    try:
+        server.process.kill()
+        server.process.wait(10)
+        deadline = time.monotonic() + 20
+        while not _gone(http):
+            assert time.monotonic() < deadline, "the HTTP process outlived the model's process"
+            time.sleep(0.05)
+    finally:
+        if not _gone(http):
+            os.kill(http, signal.SIGKILL)

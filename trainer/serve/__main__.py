@@ -60,7 +60,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServeConfig, str]:
         "--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile the decode step (default: on CUDA only)",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the model (default on a CPU: one fewer than the cores, at least 1)",
+    )
     p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens prefilled per step")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
@@ -94,8 +99,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    threads = config.model_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     from forge_lm.data.report import DataError
     from forge_lm.trainer.checkpoint import CheckpointError
     from forge_lm.trainer.inference import load_model, tokenizer_location
@@ -130,16 +136,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     url = url_of(sock)
     params = sum(p.numel() for p in model.parameters())
+    device = config.torch_device()
+    where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     print(
         f"forge serve: {engine.name} ({params / 1e6:.1f}M parameters, {config.torch_dtype()} on "
-        f"{config.torch_device()}), {config.max_batch} slots, context {engine.max_context} tokens, queue "
+        f"{where}), {config.max_batch} slots, context {engine.max_context} tokens, queue "
         f"{config.queue_size}; chat template: {engine.prompter.template_origin}",
         flush=True,
     )
     print(f"forge serve: listening on {url} (OpenAI API at {url}/v1, chat page at {url}/)", flush=True)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print("forge serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
-    serve_forever(engine, sock, log_level)
+    problem = serve_forever(engine, sock, log_level)
+    if problem is not None:
+        print(f"forge serve: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

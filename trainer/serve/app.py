@@ -13,8 +13,9 @@ bad request (naming the field), 401 for a missing or wrong API key, 404 for an u
 Retry-After when the queue is full, 500 if generation itself failed. A client that goes away, streaming
 or not, has its request cancelled: its slot is free before the next decode step.
 
-The handlers run on uvicorn's event loop; the model runs on the scheduler's thread. Events come back
-through `loop.call_soon_threadsafe` into one asyncio.Queue per request.
+The handlers run on uvicorn's event loop; events come back into one asyncio.Queue per request. The model
+runs on the scheduler's thread in this process (BackgroundServer; events via `loop.call_soon_threadsafe`),
+or, under `forge serve`, in a process of its own (bridge.py; events read from a pipe on the loop).
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ DISCONNECT_POLL_S = 0.25
 
 
 class Engine:
-    """What the handlers share: the model behind its scheduler, the prompter, the metrics, the limits."""
+    """What the handlers share: the model behind its scheduler, the prompter, the metrics, the limits.
+
+    Engine(config, model, ...) builds the scheduler over the model in this process. `forge serve` runs the
+    model in its own process instead (bridge.py): its HTTP process builds the same Engine with
+    `Engine.front_end`, around a RemoteScheduler that reaches the model's process through a pipe.
+    """
 
     def __init__(
         self,
@@ -63,23 +69,53 @@ class Engine:
         tokenizer_dir: Optional[str] = None,
         model_dir: Optional[str] = None,
     ) -> None:
+        max_context = config.max_context or model.cfg.max_seq_len
+        if max_context > model.cfg.max_seq_len:
+            raise ValueError(
+                f"--max-context={max_context} is longer than the model's context of "
+                f"{model.cfg.max_seq_len} tokens: choose at most that."
+            )
+        metrics = ServeMetrics(config.max_batch)
+        decoder = SlotDecoder(model, slots=config.max_batch, max_len=max_context, compile=config.compile)
+        scheduler = Scheduler(
+            decoder, tokenizer, metrics, queue_size=config.queue_size,
+            max_prefill_tokens=config.max_prefill_tokens,
+        )  # fmt: skip
+        self.front = {
+            "config": config, "tokenizer": tokenizer, "tokenizer_dir": tokenizer_dir, "model_dir": model_dir,
+            "max_context": max_context, "vocab_size": model.cfg.vocab_size,
+        }  # fmt: skip
+        """What an HTTP process needs to build its own Engine with `front_end` (all picklable)."""
+        self._setup(scheduler=scheduler, metrics=metrics, **self.front)
+
+    @classmethod
+    def front_end(cls, **front: Any) -> Engine:
+        """The HTTP process's Engine: `front` (see above) plus the scheduler and metrics it reaches."""
+        engine = cls.__new__(cls)
+        engine._setup(**front)
+        return engine
+
+    def _setup(
+        self,
+        config: ServeConfig,
+        tokenizer: Tokenizer,
+        tokenizer_dir: Optional[str],
+        model_dir: Optional[str],
+        max_context: int,
+        vocab_size: int,
+        scheduler: Any,
+        metrics: Any,
+    ) -> None:
         self.config = config
         self.name = config.served_name()
         self.tokenizer = tokenizer
-        self.max_context = config.max_context or model.cfg.max_seq_len
-        if self.max_context > model.cfg.max_seq_len:
-            raise ValueError(
-                f"--max-context={self.max_context} is longer than the model's context of "
-                f"{model.cfg.max_seq_len} tokens: choose at most that."
-            )
-        self.vocab_size = model.cfg.vocab_size
+        self.max_context = max_context
+        self.vocab_size = vocab_size
         self.prompter = Prompter(tokenizer, tokenizer_dir, config.chat_template, model_dir)
-        self.metrics = ServeMetrics(config.max_batch)
-        decoder = SlotDecoder(model, slots=config.max_batch, max_len=self.max_context, compile=config.compile)
-        self.scheduler = Scheduler(
-            decoder, tokenizer, self.metrics, queue_size=config.queue_size,
-            max_prefill_tokens=config.max_prefill_tokens,
-        )  # fmt: skip
+        self.scheduler = scheduler
+        """A Scheduler, or bridge.RemoteScheduler in `forge serve`'s HTTP process."""
+        self.metrics = metrics
+        """ServeMetrics, or bridge.RemoteMetrics in `forge serve`'s HTTP process."""
 
     # ---- from a request body to a GenerationRequest ----------------------------------------------------------
 
@@ -165,7 +201,8 @@ class Engine:
         def emit(event: Event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request.emit = emit
+        # A RemoteScheduler delivers on this loop already; the in-process one from its own thread.
+        request.emit = events.put_nowait if getattr(self.scheduler, "emits_on_loop", False) else emit
         try:
             self.scheduler.submit(request)
         except QueueFull as e:
@@ -185,8 +222,9 @@ def _no_sink(event: Event) -> None:  # replaced by Engine.submit
 
 
 def create_app(engine: Engine, scheduler_thread: bool = True) -> FastAPI:
-    """The app. scheduler_thread: start the generation loop on a thread of its own with the app (False: the
-    caller runs `engine.scheduler.run()` itself, as `forge serve` does on its main thread)."""
+    """The app. scheduler_thread: start the scheduler with the app and stop it with the app (an in-process
+    Scheduler: its loop on a thread of its own; a RemoteScheduler: reading its pipe on the app's loop).
+    False: the caller runs `engine.scheduler.run()` itself."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -238,7 +276,7 @@ def create_app(engine: Engine, scheduler_thread: bool = True) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(
-            engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+            await engine.metrics.render_async(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     @app.get("/v1/models")

@@ -48,8 +48,9 @@ class ServeConfig:
     """Prompt tokens prefilled between two decode steps (at least one request): bounds the pause a burst of
     new requests puts on the running streams."""
     threads: Optional[int] = None
-    """CPU threads for the model's matrix products (torch.set_num_threads); default torch's own (one per
-    core). On a small CPU, one fewer than the cores leaves a core to the HTTP side (docs/serve.md)."""
+    """CPU threads for the model's matrix products (torch.set_num_threads). Default on a CPU: one fewer than
+    torch's own (one per core), at least one, so that the HTTP process and the clients on the same machine
+    do not preempt the model's threads in the middle of a step (docs/serve.md); on a GPU, torch's own."""
     retry_after: int = 1
     """Seconds a refused client is told to wait (the Retry-After header of a 503)."""
 
@@ -96,6 +97,14 @@ class ServeConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def model_threads(self) -> Optional[int]:
+        """The threads `forge serve` gives the model (None: leave torch's default)."""
+        if self.threads is not None:
+            return self.threads
+        if self.torch_device().type == "cpu":
+            return max(1, torch.get_num_threads() - 1)
+        return None
 
     def served_name(self) -> str:
         return self.model_name or Path(os.path.abspath(self.model)).name

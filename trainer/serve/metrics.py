@@ -135,6 +135,10 @@ class ServeMetrics:
         self.waiting.set(0)
         self.running.set(0)
 
+    async def render_async(self) -> str:
+        """render() for the /metrics handler (bridge.RemoteMetrics has to ask another process)."""
+        return self.render()
+
     def render(self) -> str:
         metrics = (
             self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.decode_steps,

@@ -1,5 +1,5 @@
-"""Running the app under uvicorn: in the foreground (`forge serve`) or on a background thread (tests,
-benchmarks, a notebook).
+"""Running the app under uvicorn: in the foreground (`forge serve`: HTTP in a process beside the model's,
+bridge.py) or on a background thread of this process (tests, a notebook).
 
     engine = Engine(ServeConfig(model="runs/quickstart/hf"), model, tokenizer, tokenizer_dir)
     with BackgroundServer(engine) as server:      # any free port on 127.0.0.1
@@ -11,7 +11,6 @@ known (and printed) at once.
 
 from __future__ import annotations
 
-import signal
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Optional
 import uvicorn
 
 from forge_lm.trainer.serve.app import Engine, create_app
+from forge_lm.trainer.serve.bridge import serve_in_two_processes
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -55,34 +55,17 @@ def uvicorn_server(
     return uvicorn.Server(config)
 
 
-def serve_forever(engine: Engine, sock: socket.socket, log_level: str = "warning") -> None:
-    """`forge serve` in the foreground: HTTP on a thread, the model's generation loop on this thread.
+def serve_forever(engine: Engine, sock: socket.socket, log_level: str = "warning") -> Optional[str]:
+    """`forge serve` in the foreground: the model's generation loop on this (the main) thread, HTTP in a
+    process of its own (bridge.py says why), until SIGINT or SIGTERM, which end the streams in flight.
 
     The model stays on the thread that loaded it. On a CPU, PyTorch's OpenMP gives every thread that runs
     parallel work a team of its own, and once the process has more OpenMP threads than cores they stop
-    spinning between operations: a decode step on a second thread then ran 2.8x slower than on the first
-    (5.0 vs 1.8 ms per token, quickstart-size model, 2 cores). SIGINT and SIGTERM stop both gracefully.
+    spinning between operations: a decode step on a second thread ran 2.8x slower than on the first
+    (5.0 vs 1.8 ms per token, quickstart-size model, 2 cores). Returns None after a clean stop, else what
+    ended the server, in one line.
     """
-    server = uvicorn_server(engine, log_level, scheduler_thread=False)
-
-    def http() -> None:
-        try:
-            server.run(sockets=[sock])
-        finally:
-            engine.scheduler.stop()  # HTTP is gone (or never came up): the loop has nobody to serve
-
-    def stop(signum: int, frame: object) -> None:
-        engine.scheduler.stop()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-    thread = threading.Thread(target=http, name="forge-serve-http", daemon=True)
-    thread.start()
-    try:
-        engine.scheduler.run()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return serve_in_two_processes(engine.scheduler, engine.metrics, engine.front, sock, log_level)
 
 
 class BackgroundServer:
