@@ -12,15 +12,20 @@ It starts `forge serve` as a subprocess on a free 127.0.0.1 port and talks to it
   different passage per client) and `--new` new tokens. Aggregate tokens/s = all generated tokens over
   the wall time from the first request to the last token. Time to first token (TTFT) and inter-token
   latency (ITL, the gaps between streamed chunks of one request) as p50 / p99 over all requests.
-- one at a time: the same requests, each sent after the previous one finished.
-- Generator: the same prompts, one at a time, through `Generator.generate` called in this process (the
-  server idle): tokens/s, prefill included, against the one-at-a-time client's (HTTP and streaming
-  included).
+- one at a time: the same requests, each sent after the previous one finished; tokens/s = their tokens
+  over the sum of their times (from the request to its last chunk).
+- Generator: after each one-at-a-time request, the same prompt through `Generator.generate` called in
+  this process (the server idle), so that the two are timed seconds apart: tokens/s, prefill included,
+  against the one-at-a-time client's (HTTP and streaming included). A shared VM's speed drifts by 10-20%
+  within minutes; pairing each request with its Generator call keeps that drift out of the ratio.
 - llama.cpp (when `llama-cpp-python` with its server extra is installed; `--no-llama-cpp` skips it): the
   same weights exported with `forge export --format gguf` (f32, or f16 for a 16-bit --dtype), served by
   `python -m llama_cpp.server` on another free port with the same threads, and the same concurrent and
   one-at-a-time phases through the same client. llama-cpp-python's server runs one request at a time
-  (no continuous batching), so its concurrent phase queues.
+  (no continuous batching), so its concurrent phase queues (its default, a new request interrupting the
+  running one, is turned off).
+Every phase must return all of its tokens (clients x --new; random weights rarely emit an EOS): a phase
+that returns fewer is reported as such and the script exits 1, because its tokens/s would mean nothing.
 Each phase runs --repeats times, interleaved; medians are reported. Without --model the model is the
 quickstart's architecture (Llama, d_model 256, 4 layers, 5.0M parameters) with random weights and a
 byte-level BPE of 8,192 tokens trained on the shipped Shakespeare corpus in a few seconds: the speed of
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,6 +133,8 @@ def start_llama_cpp(
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", str(threads),
         "--n_threads_batch", str(threads), "--verbose", "false",
+        # By default a new request interrupts the one running: queue them instead, as a server should.
+        "--interrupt_requests", "false",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -173,7 +181,11 @@ async def one_request(client: Any, prompt: str, new: int) -> dict[str, Any]:
     }
 
 
-async def run_phase(url: str, texts: list[str], new: int, concurrent: bool) -> dict[str, Any]:
+async def run_phase(
+    url: str, texts: list[str], new: int, concurrent: bool, after_each: Optional[Callable[[int], None]] = None
+) -> dict[str, Any]:
+    """All `texts` at once, or one after another (then `after_each(i)` runs after request i, untimed: the
+    Generator on the same prompt, so that the two are measured seconds apart, not a phase apart)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -181,9 +193,14 @@ async def run_phase(url: str, texts: list[str], new: int, concurrent: bool) -> d
         start = time.perf_counter()
         if concurrent:
             results = await asyncio.gather(*(one_request(client, t, new) for t in texts))
+            wall = time.perf_counter() - start
         else:
-            results = [await one_request(client, t, new) for t in texts]
-        wall = time.perf_counter() - start
+            results = []
+            for i, text in enumerate(texts):
+                results.append(await one_request(client, text, new))
+                if after_each is not None:
+                    after_each(i)
+            wall = sum(r["seconds"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
@@ -207,17 +224,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def generator_tokens_per_s(model: Any, prompts_ids: list[list[int]], new: int) -> float:
-    """The Generator called directly on each prompt in turn, on this process's main thread (the one that
-    loaded the model, as `forge serve` decodes on its own): generated tokens over the wall time."""
-    from forge_lm.trainer.inference import Generator
+class DirectGenerator:
+    """The Generator called directly, one prompt at a time, on this process's main thread (the one that
+    loaded the model, as `forge serve` decodes on its own): generated tokens over the seconds it took."""
 
-    generator = Generator(model, max_batch_size=1)
-    tokens, start = 0, time.perf_counter()
-    for ids in prompts_ids:
-        [completion] = generator.generate([ids], new)
-        tokens += len(completion.token_ids)
-    return tokens / (time.perf_counter() - start)
+    def __init__(self, model: Any, prompts_ids: list[list[int]], new: int) -> None:
+        from forge_lm.trainer.inference import Generator
+
+        self.generator, self.prompts_ids, self.new = Generator(model, max_batch_size=1), prompts_ids, new
+        self.tokens, self.seconds = 0, 0.0
+
+    def __call__(self, i: int) -> None:
+        start = time.perf_counter()
+        [completion] = self.generator.generate([self.prompts_ids[i]], self.new)
+        self.seconds += time.perf_counter() - start
+        self.tokens += len(completion.token_ids)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,13 +315,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ref_process, ref_url = start_llama_cpp(folder, Path(tmp), args, threads)
                 processes.append(ref_process)
                 asyncio.run(run_phase(ref_url, texts[:2], 8, concurrent=False))  # warm-up, not timed
-            asyncio.run(run_phase(url, texts[:2], 8, concurrent=True))  # warm-up, not timed
-            generator_tokens_per_s(model, all_ids[:2], 8)
+            warm = DirectGenerator(model, all_ids, 8)
+            asyncio.run(run_phase(url, texts[:2], 8, concurrent=False, after_each=warm))  # warm-up, not timed
             concurrent, sequential, direct, ref_concurrent, ref_sequential = [], [], [], [], []
             for _ in range(args.repeats):
                 concurrent.append(asyncio.run(run_phase(url, texts, args.new, concurrent=True)))
-                sequential.append(asyncio.run(run_phase(url, texts, args.new, concurrent=False)))
-                direct.append({"tokens_per_s": generator_tokens_per_s(model, all_ids, args.new)})
+                generator = DirectGenerator(model, all_ids, args.new)
+                sequential.append(
+                    asyncio.run(run_phase(url, texts, args.new, concurrent=False, after_each=generator))
+                )
+                direct.append({"tokens_per_s": generator.tokens_per_s()})
                 if llama_cpp:
                     ref_concurrent.append(asyncio.run(run_phase(ref_url, texts, args.new, concurrent=True)))
                     ref_sequential.append(asyncio.run(run_phase(ref_url, texts, args.new, concurrent=False)))
@@ -311,6 +338,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "concurrent": c, "one_at_a_time": s, "generator_tokens_per_s": g["tokens_per_s"],
         "concurrency_speedup": c["tokens_per_s"] / s["tokens_per_s"],
         "one_client_vs_generator": s["tokens_per_s"] / g["tokens_per_s"],
+        "one_client_vs_generator_each_run": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(sequential, direct)],
     }  # fmt: skip
     print("| run | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|")
@@ -330,7 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"| the Generator called directly, one prompt at a time | {g['tokens_per_s']:,.0f} | | |")
     print(
         f"concurrent / one at a time: {result['concurrency_speedup']:.2f}x; one client through the server / "
-        f"the Generator directly: {result['one_client_vs_generator']:.2f}x (medians of {args.repeats})"
+        f"the Generator directly: {result['one_client_vs_generator']:.2f}x (medians of {args.repeats}; each run: "
+        f"{', '.join(f'{r:.2f}' for r in result['one_client_vs_generator_each_run'])})"
     )
     if ref_concurrent:
         ref = result["llama_cpp"]
@@ -341,7 +370,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    expected = args.clients * args.new
+    phases = {"forge serve, concurrent": concurrent, "forge serve, one at a time": sequential,
+              "llama.cpp, concurrent": ref_concurrent, "llama.cpp, one at a time": ref_sequential}  # fmt: skip
+    short = {name: min(r["tokens"] for r in runs) for name, runs in phases.items() if runs}
+    short = {name: n for name, n in short.items() if n < expected}
+    for name, n in short.items():
+        print(f"{name}: a run returned {n} of its {expected} tokens: its tokens/s are not comparable")
+    return 1 if short else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
     protocol.py    OpenAI request models, validation and response bodies
     app.py         the FastAPI app (completions, chat completions, SSE streaming, errors, API key)
     metrics.py     Prometheus text for GET /metrics
-    server.py      uvicorn in the foreground or on a background thread
+    server.py      uvicorn in the foreground (`forge serve`) or on a background thread (in-process)
+    bridge.py      `forge serve`'s two processes: the model's loop, and HTTP across a pipe
     static/        the chat page served at /
 Guide: docs/serve.md.
 """

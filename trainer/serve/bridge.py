@@ -7,11 +7,11 @@
 Why two processes: a decode step is hundreds of small PyTorch calls, and each gives up Python's GIL and
 takes it back. With HTTP on a thread of the same process, every streamed token woke that thread, which
 then held the GIL for its whole Python burst (event loop, response, JSON) while the decode step waited
-for it between two operations: on the 2-core CI machine the step ran 0.3 ms slower and handing over a
-token cost 0.39 ms instead of 0.03 (quickstart-size model, one streaming client). Servers such as vLLM
-and SGLang keep their HTTP front end out of the model's process for the same reason. Here the model's
-process pays one pickled message per token and nothing else; all per-request Python (parsing, chat
-templates, tokenizing prompts, server-sent events) runs in the HTTP process.
+for it between two operations; one streaming client got 0.76-0.85x the Generator's tokens/s on the
+2-core VM, 0.92-0.94x with HTTP in its own process (docs/BENCHMARKS.md, `forge bench serve`). Servers
+such as vLLM and SGLang keep their HTTP front end out of the model's process for the same reason. Here
+the model's process pays one pickled message per token and nothing else; all per-request Python
+(parsing, chat templates, tokenizing prompts, server-sent events) runs in the HTTP process.
 
 Messages (tuples, pickled by multiprocessing's Connection; both ends are this program):
   HTTP -> model:  ("submit", GenerationRequest without its callback)  ("cancel", id)

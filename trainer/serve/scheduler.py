@@ -1,7 +1,7 @@
-"""Continuous batching: one background thread owns the model and interleaves requests step by step.
+"""Continuous batching: one thread owns the model and interleaves requests step by step.
 
     scheduler = Scheduler(SlotDecoder(model, slots=16), tokenizer, metrics, queue_size=64)
-    scheduler.start()
+    scheduler.start()                  # its own thread; or scheduler.run() on this one (forge serve)
     request = GenerationRequest(prompt_ids, max_tokens=64, sampling=SamplingParams(), emit=callback)
     scheduler.submit(request)          # QueueFull when queue_size requests already wait
     ...                                # callback(Event(...)) from the scheduler thread, piece by piece
