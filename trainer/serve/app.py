@@ -221,20 +221,17 @@ def _no_sink(event: Event) -> None:  # replaced by Engine.submit
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, scheduler_thread: bool = True) -> FastAPI:
-    """The app. scheduler_thread: start the scheduler with the app and stop it with the app (an in-process
-    Scheduler: its loop on a thread of its own; a RemoteScheduler: reading its pipe on the app's loop).
-    False: the caller runs `engine.scheduler.run()` itself."""
+def create_app(engine: Engine) -> FastAPI:
+    """The app. It starts the scheduler with itself and stops it with itself: an in-process Scheduler runs
+    its loop on a thread of its own; a RemoteScheduler reads its pipe on the app's event loop."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if scheduler_thread:
-            engine.scheduler.start()
+        engine.scheduler.start()
         try:
             yield
         finally:
-            if scheduler_thread:
-                engine.scheduler.stop()
+            engine.scheduler.stop()
 
     app = FastAPI(title="forge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Gatekeeper, api_key=engine.config.api_key, metrics=engine.metrics)

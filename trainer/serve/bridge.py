@@ -170,7 +170,7 @@ def http_process(front: dict[str, Any], sock: socket.socket, connection: Connect
         connection, slots=front["config"].max_batch, queue_size=front["config"].queue_size
     )
     engine = Engine.front_end(scheduler=remote, metrics=RemoteMetrics(remote), **front)
-    server = uvicorn_server(engine, log_level, scheduler_thread=True)
+    server = uvicorn_server(engine, log_level)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # see above
     remote.on_exit = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[sock])

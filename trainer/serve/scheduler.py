@@ -129,7 +129,7 @@ class Scheduler:
 
     def run(self) -> None:
         """Run the loop on the calling thread until `stop()` (`forge serve`: the main thread, which loaded
-        the model; see trainer/serve/__main__.py for why the model stays on that thread)."""
+        the model; see trainer/serve/server.py for why the model stays on that thread)."""
         self._loop()
 
     def stop(self, timeout: float = 10.0) -> None:

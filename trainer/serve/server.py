@@ -45,11 +45,9 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def uvicorn_server(
-    engine: Engine, log_level: str = "warning", scheduler_thread: bool = True
-) -> uvicorn.Server:
+def uvicorn_server(engine: Engine, log_level: str = "warning") -> uvicorn.Server:
     config = uvicorn.Config(
-        create_app(engine, scheduler_thread), log_level=log_level, access_log=log_level in ("debug", "info"),
+        create_app(engine), log_level=log_level, access_log=log_level in ("debug", "info"),
         timeout_graceful_shutdown=5,
     )  # fmt: skip
     return uvicorn.Server(config)
