@@ -23,6 +23,7 @@ from forge_lm.data.tokenizer import Tokenizer
 from forge_lm.trainer.inference.cache import KVCache
 from forge_lm.trainer.inference.compiled import compile_decode_step, mark_static
 from forge_lm.trainer.inference.sampling import SamplingParams, next_tokens
+from forge_lm.trainer.inference.split_matvec import split_matvecs
 from forge_lm.trainer.model import Decoder
 
 CACHE_ROUNDING = 64
@@ -171,7 +172,8 @@ class Generator:
 
     def _decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Write one token per row at cache.slot, return the next logits [B, vocab] (fp32)."""
-        logits = self.model(tokens, cache=cache)[:, -1].float()
+        with split_matvecs(self.device):  # on a CPU, every core streams weights (split_matvec.py)
+            logits = self.model(tokens, cache=cache)[:, -1].float()
         cache.slot += 1
         return logits
 

@@ -31,6 +31,7 @@ import torch
 
 from forge_lm.trainer.inference.cache import KVCache
 from forge_lm.trainer.inference.compiled import compile_decode_step, mark_static
+from forge_lm.trainer.inference.split_matvec import split_matvecs
 from forge_lm.trainer.model import Decoder
 from forge_lm.trainer.model.config import ModelConfig
 
@@ -187,4 +188,5 @@ class SlotDecoder:
         return self._step(ids)[:n]
 
     def _decode_step(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, cache=self.cache)[:, -1].float()
+        with split_matvecs(self.device):  # on a CPU, every core streams weights (split_matvec.py)
+            return self.model(ids, cache=self.cache)[:, -1].float()
