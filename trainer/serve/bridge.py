@@ -8,7 +8,7 @@ Why two processes: a decode step is hundreds of small PyTorch calls, and each gi
 takes it back. With HTTP on a thread of the same process, every streamed token woke that thread, which
 then held the GIL for its whole Python burst (event loop, response, JSON) while the decode step waited
 for it between two operations; one streaming client got 0.76-0.85x the Generator's tokens/s on the
-2-core VM, 0.92-0.94x with HTTP in its own process (docs/BENCHMARKS.md, `forge bench serve`). Servers
+2-core VM, 0.92-0.98x with HTTP in its own process (docs/BENCHMARKS.md, `forge bench serve`). Servers
 such as vLLM and SGLang keep their HTTP front end out of the model's process for the same reason. Here
 the model's process pays one pickled message per token and nothing else; all per-request Python
 (parsing, chat templates, tokenizing prompts, server-sent events) runs in the HTTP process.
